@@ -1,0 +1,59 @@
+"""Data loading: image and mask decoding, preprocessing, datasets and synthetic data.
+
+The public names are re-exported here; see :mod:`cncad.data.transforms`,
+:mod:`cncad.data.folder` and :mod:`cncad.data.synthetic` for details.
+"""
+
+from cncad.data.folder import (
+    MASK_EXTENSIONS,
+    NORMAL_FOLDER_NAMES,
+    AnomalyFolder,
+    AnomalySample,
+    ImageFolderDataset,
+    find_categories,
+)
+from cncad.data.synthetic import (
+    DEFECT_TYPES,
+    SYNTHETIC_CATEGORIES,
+    make_synthetic_dataset,
+    synthetic_sample,
+)
+from cncad.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGE_EXTENSIONS,
+    ImageInput,
+    ImageReadError,
+    denormalize,
+    is_image_file,
+    load_image,
+    load_mask,
+    preprocess,
+    resize_mask,
+    to_image_tensor,
+)
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "DEFECT_TYPES",
+    "IMAGE_EXTENSIONS",
+    "MASK_EXTENSIONS",
+    "NORMAL_FOLDER_NAMES",
+    "SYNTHETIC_CATEGORIES",
+    "AnomalyFolder",
+    "AnomalySample",
+    "ImageFolderDataset",
+    "ImageInput",
+    "ImageReadError",
+    "denormalize",
+    "find_categories",
+    "is_image_file",
+    "load_image",
+    "load_mask",
+    "make_synthetic_dataset",
+    "preprocess",
+    "resize_mask",
+    "synthetic_sample",
+    "to_image_tensor",
+]

@@ -1,0 +1,111 @@
+"""Gated mixture-of-experts over patch tokens (CNC eqs. 13-15)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from timm.layers import Mlp
+from torch import Tensor, nn
+
+__all__ = ["GatedMoE", "MoEOutput", "importance_loss"]
+
+
+class MoEOutput(NamedTuple):
+    """Result of :class:`GatedMoE`.
+
+    Attributes:
+        output: ``(..., C)`` the combined expert outputs z* (eq. 14).
+        gates: ``(R, T)`` the router's full softmax distribution G(z_r) for every one of the
+            R tokens (the input for :func:`importance_loss`).
+        expert_indices: ``(R, K)`` the experts chosen for each token, best first.
+    """
+
+    output: Tensor
+    gates: Tensor
+    expert_indices: Tensor
+
+
+def importance_loss(gates: Tensor, eps: float = 1e-10) -> Tensor:
+    """Importance loss of the router (eq. 15), in its scale-free form.
+
+    Eq. 15 as printed divides the squared standard deviation of a *sum* over tokens by the
+    squared *mean* over tokens, which makes the loss grow with R². This implements the form
+    of Shazeer et al. (2017) it cites: the squared coefficient of variation of the
+    importance vector ``I_t = Σ_r G_t(z_r)``::
+
+        L_moe = Var(I) / (Mean(I)² + eps)
+
+    with the population variance over the T experts. It is 0 when all experts receive the
+    same total gate mass and independent of the number of tokens (scaling I leaves it
+    unchanged); for T = 1 it is 0.
+
+    Args:
+        gates: ``(R, T)`` router probabilities for R tokens.
+        eps: Numerical guard of the denominator.
+
+    Returns:
+        Scalar tensor.
+    """
+    importance = gates.float().sum(dim=0)
+    return importance.var(unbiased=False) / (importance.mean() ** 2 + eps)
+
+
+class GatedMoE(nn.Module):
+    """Token-wise top-K mixture of MLP experts with a softmax router (eqs. 13-14).
+
+    ``H = softmax(G(z))`` with a linear router ``G: R^C -> R^T`` (eq. 13); each token is
+    processed by its K highest-scoring experts and ``z* = Σ_k H_k E_k(z)`` (eq. 14), with the
+    raw softmax values H_k as the paper writes it (``renormalize=True`` rescales the K
+    values to sum to 1 instead). Routing is vectorised over tokens; the only Python loop is
+    over experts, each of which runs once on the tokens routed to it.
+
+    Args:
+        dim: Token width C.
+        num_experts: T.
+        top_k: K, at most T.
+        mlp_ratio: Hidden width of each expert relative to C.
+        act_layer: Activation of the expert MLPs.
+        renormalize: Renormalise the selected gate values.
+
+    Shapes:
+        forward: ``(..., C)`` -> :class:`MoEOutput` with ``output (..., C)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int = 5,
+        top_k: int = 2,
+        mlp_ratio: float = 1.0,
+        act_layer: type[nn.Module] = nn.GELU,
+        renormalize: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.router = nn.Linear(dim, num_experts)
+        hidden = max(1, round(dim * mlp_ratio))
+        self.experts = nn.ModuleList(
+            Mlp(dim, hidden_features=hidden, act_layer=act_layer) for _ in range(num_experts)
+        )
+
+    def forward(self, tokens: Tensor) -> MoEOutput:
+        """Route every token to its top-K experts and mix their outputs."""
+        shape = tokens.shape
+        flat = tokens.reshape(-1, shape[-1])
+        gates = self.router(flat).softmax(dim=-1)  # eq. 13, (R, T)
+        weights, indices = gates.topk(self.top_k, dim=-1)  # (R, K)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        output = torch.zeros_like(flat)
+        for expert_id, expert in enumerate(self.experts):
+            token_ids, slot = (indices == expert_id).nonzero(as_tuple=True)
+            if token_ids.numel() == 0:
+                continue
+            routed = expert(flat[token_ids]) * weights[token_ids, slot].unsqueeze(-1)
+            output.index_add_(0, token_ids, routed.to(output.dtype))  # eq. 14
+        return MoEOutput(output.reshape(shape), gates, indices)

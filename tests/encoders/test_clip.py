@@ -1,0 +1,100 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cncad.encoders.clip import (
+    CLIPEncoder,
+    build_tiny_clip,
+    default_layers,
+    load_clip,
+)
+
+
+def test_default_layers_are_evenly_spaced_and_end_at_the_last_block():
+    assert default_layers(24, 3) == (8, 16, 24)
+    assert default_layers(12, 3) == (4, 8, 12)
+    assert default_layers(6, 3) == (2, 4, 6)
+    assert default_layers(5, 1) == (5,)
+    with pytest.raises(ValueError):
+        default_layers(2, 3)
+
+
+def test_tiny_clip_is_deterministic_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a, b = build_tiny_clip(), build_tiny_clip()
+    assert torch.equal(torch.rand(1), expected_next)
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(pa, pb), name
+
+
+def test_tapped_features_match_open_clip_image_embedding_at_native_size():
+    model = build_tiny_clip()
+    encoder = CLIPEncoder(model, image_size=224)
+    images = torch.randn(2, 3, 224, 224)
+    features = encoder(images)
+    assert encoder.layers == (2, 4, 6)
+    assert [t.shape for t in features.patch_tokens] == [(2, 256, 64)] * 3
+    assert [t.shape for t in features.class_tokens] == [(2, 64)] * 3
+    # The last tapped block's class token through ln_post/proj is CLIP's image embedding.
+    expected = F.normalize(model.encode_image(images), dim=-1)
+    assert torch.allclose(encoder.global_feature(features.class_tokens[-1]), expected, atol=1e-5)
+
+
+def test_position_embedding_is_resized_for_smaller_inputs():
+    encoder = CLIPEncoder(build_tiny_clip(), image_size=56, layers=(1, 6))
+    assert encoder.grid_size == (4, 4)
+    assert encoder.visual.positional_embedding.shape == (17, 64)
+    features = encoder(torch.randn(1, 3, 56, 56))
+    assert [t.shape for t in features.patch_tokens] == [(1, 16, 64)] * 2
+    with pytest.raises(ValueError, match="expects 56x56"):
+        encoder(torch.randn(1, 3, 224, 224))
+
+
+def test_encoder_is_frozen_and_stays_in_eval_mode():
+    encoder = CLIPEncoder(build_tiny_clip(), image_size=56)
+    encoder.train()
+    assert not encoder.training
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_projection_passes_gradients_to_its_input_only():
+    encoder = CLIPEncoder(build_tiny_clip(), image_size=56)
+    tokens = torch.randn(2, 5, encoder.width, requires_grad=True)
+    encoder.project(tokens).sum().backward()
+    assert tokens.grad is not None and tokens.grad.abs().sum() > 0
+    assert all(p.grad is None for p in encoder.parameters())
+
+
+def test_text_tower_reproduces_encode_text():
+    model, tokenizer = load_clip("tiny")
+    encoder = CLIPEncoder(model, image_size=56)
+    ids = tokenizer(["a photo of a damaged object", "object"])
+    out = encoder.text(encoder.text.embed(ids), ids)
+    assert torch.allclose(out, model.encode_text(ids), atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        CLIPEncoder(build_tiny_clip(), image_size=50)
+    with pytest.raises(ValueError, match="out of range"):
+        CLIPEncoder(build_tiny_clip(), image_size=56, layers=(2, 7))
+    with pytest.raises(TypeError):
+        CLIPEncoder(torch.nn.Linear(2, 2))
+
+
+def test_openai_format_checkpoint_file_loads_offline(tmp_path):
+    source = build_tiny_clip()
+    path = tmp_path / "tiny-openai.pt"
+    torch.save(source.state_dict(), path)
+    model, tokenizer = load_clip(str(path))
+    # OpenAI checkpoints are stored in fp16: the weights round-trip through half precision
+    assert torch.allclose(model.visual.proj, source.visual.proj, atol=1e-3)
+    assert tokenizer(["object"]).shape == (1, 77)
+
+
+def test_unavailable_pretrained_weights_explain_the_offline_way_out():
+    with pytest.raises(RuntimeError, match="local checkpoint") as info:
+        load_clip("ViT-B-32", pretrained="/nonexistent/open_clip_weights.bin")
+    assert "ViT-B-32" in str(info.value)

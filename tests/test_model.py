@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from cncad.model import CNCModel
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+
+
+def build(tiny_config, **changes):
+    torch.manual_seed(0)
+    return CNCModel(tiny_config.replace(**changes))
+
+
+def test_forward_shapes(tiny_config, images):
+    model = build(tiny_config).train()
+    out = model(images)
+    assert model.layers == (2, 4, 6)
+    assert [f.shape for f in out.encoded] == [(2, 16, 64)] * 3
+    assert [f.shape for f in out.decoded] == [(2, 16, 64)] * 3
+    assert out.encoded_global.shape == out.decoded_global.shape == (2, 3, 64)
+    assert out.text_normal.shape == out.text_abnormal.shape == (3, 64)
+    assert out.gates.shape == (2 * 17, 5)
+
+
+def test_decoder_blocks_map_deep_to_shallow(tiny_config, images):
+    model = build(tiny_config, use_cnc=False).eval()
+    outputs = []
+    model.decoder.blocks[0].register_forward_hook(lambda m, i, o: outputs.append(o))
+    out = model(images)
+    # the first decoder block reconstructs the deepest tapped layer (the last in the list)
+    assert torch.equal(out.decoded[-1], outputs[0][:, 1:])
+
+
+def test_gradients_reach_exactly_the_trainable_parts(tiny_config, images):
+    model = build(tiny_config, theta=0).train()
+    model.loss(model(images), epoch=0).total.backward()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(
+        name.startswith(("prompt_learner.context", "fusion.", "moe.", "decoder."))
+        for name in trainable
+    )
+    assert {"prompt_learner.context", "fusion.proj.weight", "moe.router.weight"} <= trainable
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None, name
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+
+
+def test_constraint_on_decoder_starts_at_theta(tiny_config, images):
+    model = build(tiny_config, theta=3).train()
+    torch.manual_seed(1)
+    out = model(images)
+    before, after = model.loss(out, epoch=2), model.loss(out, epoch=3)
+    assert torch.equal(before.constraint, before.align_encoder)
+    expected = after.align_encoder + 0.1 * after.align_decoder
+    assert torch.allclose(after.constraint, expected)
+    assert torch.allclose(after.total, after.distill + after.constraint + after.moe)
+
+
+@pytest.mark.parametrize(
+    ("switches", "present"),
+    [
+        ({}, {"prompt_learner", "fusion", "moe"}),
+        ({"use_mlf": False}, {"prompt_learner", "moe"}),
+        ({"use_cnc": False}, {"fusion", "moe"}),
+        ({"use_moe": False}, {"prompt_learner", "fusion"}),
+        ({"use_mlf": False, "use_cnc": False, "use_moe": False}, set()),
+    ],
+)
+def test_ablation_switches_table_2(tiny_config, images, switches, present):
+    model = build(tiny_config, **switches).train()
+    parts = {name for name in ("prompt_learner", "fusion", "moe") if getattr(model, name)}
+    assert parts == present
+    terms = model.loss(model(images), epoch=5)
+    assert (terms.moe != 0) == ("moe" in present)
+    assert (terms.constraint != 0) == ("prompt_learner" in present)
+    assert model.encoder.text is None or "prompt_learner" in present
+
+
+@pytest.mark.parametrize(("experts", "k"), [(1, 1), (3, 2), (6, 4)])
+def test_moe_hyperparameters_table_4(tiny_config, images, experts, k):
+    model = build(tiny_config, num_experts=experts, top_k=k).train()
+    out = model(images)
+    assert len(model.moe.experts) == experts and out.gates.shape[1] == experts
+
+
+def test_predict_maps_and_scores(tiny_config, images):
+    model = build(tiny_config).eval()
+    maps, scores = model.predict(images)
+    assert maps.shape == (2, 56, 56) and scores.shape == (2,)
+    assert torch.allclose(scores, maps.flatten(1).max(dim=1).values)
+    assert (maps >= 0).all()
+
+
+def test_trainable_state_dict_leaves_out_clip_and_round_trips(tiny_config, images):
+    model = build(tiny_config).eval()
+    state = model.trainable_state_dict()
+    assert not any(k.startswith(("encoder.", "prompt_learner.text_tower.")) for k in state)
+    assert "prompt_learner.cached_features" in state
+    torch.manual_seed(5)
+    other = CNCModel(tiny_config)
+    other.load_trainable_state_dict(state)
+    other.eval()
+    assert torch.equal(other.predict(images)[0], model.predict(images)[0])
+    with pytest.raises(ValueError, match="missing"):
+        other.load_trainable_state_dict({k: v for k, v in state.items() if "moe" not in k})
