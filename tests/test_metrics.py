@@ -196,6 +196,19 @@ def test_exact_aupro_matches_reference_without_ties(rng: np.random.Generator) ->
     assert aupro(maps, masks) == pytest.approx(reference_aupro(maps, masks, 0.3), abs=1e-9)
 
 
+@pytest.mark.parametrize("fpr_limit", [0.01, 0.13, 0.3, 0.77])
+def test_exact_aupro_with_tie_groups_at_the_crossing(fpr_limit: float) -> None:
+    # Scores from five levels: the FPR limit falls inside a group of tied normal pixels
+    # that also ties with defect pixels, the case where the crossing is interpolated.
+    rng = np.random.default_rng(11)
+    _, masks = random_pixel_set(rng, n_images=5, size=12)
+    maps = rng.integers(0, 5, size=masks.shape).astype(np.float32) + (masks > 0)
+    expected = reference_aupro(maps, masks, fpr_limit)
+    assert aupro(maps, masks, fpr_limit=fpr_limit) == pytest.approx(expected, abs=1e-9)
+    shared_sort = pixel_metrics(maps, masks, aupro_fpr_limit=fpr_limit).aupro
+    assert shared_sort == pytest.approx(expected, abs=1e-9)
+
+
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("num_thresholds", [200, 17])
 def test_grid_aupro_matches_literal_threshold_loop(seed: int, num_thresholds: int) -> None:
