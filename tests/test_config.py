@@ -49,3 +49,35 @@ def test_replace_and_from_dict_reject_unknown_fields():
         CNCConfig().replace(learning_rate=1)
     with pytest.raises(ValueError, match="learning_rate"):
         CNCConfig.from_dict({"learning_rate": 1})
+
+
+def test_encoder_fields_round_trip_and_timm_resets_the_clip_tag():
+    cfg = CNCConfig(
+        backbone="timm/tf_efficientnet_lite0",
+        use_cnc=False,
+        weights="w.pth",
+        weights_remap="by_order",
+        feature_grid=12,
+        compare_grid="native",
+        decoder_width=96,
+    )
+    assert cfg.pretrained is None  # "openai" names CLIP weights, not timm ones
+    assert CNCConfig.from_dict(cfg.to_dict()) == cfg
+    assert CNCConfig().feature_grid == "coarsest" and CNCConfig().weights is None
+    with pytest.raises(ValueError, match="text tower"):
+        CNCConfig(backbone="timm/tf_efficientnet_lite0")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"feature_grid": "middle"},
+        {"feature_grid": 0},
+        {"compare_grid": "both"},
+        {"decoder_width": 0},
+        {"decoder_heads": 0},
+    ],
+)
+def test_invalid_encoder_settings_raise(changes):
+    with pytest.raises(ValueError, match="CNCConfig"):
+        CNCConfig(**changes)

@@ -109,3 +109,78 @@ def test_trainable_state_dict_leaves_out_clip_and_round_trips(tiny_config, image
     assert torch.equal(other.predict(images)[0], model.predict(images)[0])
     with pytest.raises(ValueError, match="missing"):
         other.load_trainable_state_dict({k: v for k, v in state.items() if "moe" not in k})
+
+
+@pytest.fixture(scope="module")
+def cnn_images():
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def cnn_config(tiny_config, **changes):
+    base = tiny_config.replace(backbone="timm/test_efficientnet", use_cnc=False, image_size=64)
+    return base.replace(**changes)
+
+
+def test_clip_models_get_no_grid_or_width_adapters(tiny_config):
+    model = build(tiny_config)
+    assert model.input_proj is None and model.output_heads is None
+    assert model.common_grid == (4, 4)
+    assert not any(k.startswith(("input_proj", "output_heads")) for k in model.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("changes", "grid", "heads"),
+    [
+        ({}, (4, 4), 1),
+        ({"feature_grid": "finest", "use_mlf": False}, (16, 16), 1),
+        ({"feature_grid": 6, "decoder_width": 40, "decoder_heads": 4}, (6, 6), 4),
+    ],
+)
+@pytest.mark.parametrize("compare", ["common", "native"])
+def test_unequal_grids_end_to_end(tiny_config, cnn_images, changes, grid, heads, compare):
+    model = build(cnn_config(tiny_config, compare_grid=compare, **changes)).train()
+    encoder = model.encoder
+    assert encoder.grids == ((16, 16), (8, 8), (4, 4)) and encoder.widths == (24, 32, 48)
+    assert model.common_grid == grid
+    assert model.decoder.blocks[0].attn.num_heads == heads
+    width = changes.get("decoder_width", 48)
+    assert model.decoder.blocks[0].norm1.normalized_shape == (width,)
+    out = model(cnn_images)
+    expected_grids = encoder.grids if compare == "native" else [grid] * 3
+    for enc, dec, g, c in zip(
+        out.encoded, out.decoded, expected_grids, encoder.widths, strict=True
+    ):
+        assert enc.shape == dec.shape == (2, g[0] * g[1], c)
+    if compare == "native":  # the targets are the encoder's own features, untouched
+        raw = model.encode(cnn_images).patch_tokens
+        assert all(torch.equal(a, b) for a, b in zip(out.encoded, raw, strict=True))
+    assert out.gates.shape == (2 * grid[0] * grid[1], 5)  # no class token with a CNN
+    model.loss(out, epoch=0).total.backward()
+    heads_and_decoder = [p for n, p in model.named_parameters() if n.startswith("decoder.")]
+    assert all(p.grad is not None for p in heads_and_decoder)
+    model.eval()
+    maps, scores = model.predict(cnn_images)
+    assert maps.shape == (2, 64, 64) and torch.isfinite(maps).all() and scores.shape == (2,)
+    assert torch.equal(model.predict_features(model.encode(cnn_images))[0], maps)
+
+
+def test_width_adapters_for_a_cnn_pyramid(tiny_config, cnn_images):
+    fused = build(cnn_config(tiny_config))
+    assert fused.input_proj is None  # fusion maps the concatenation to the decoder width
+    assert [type(h).__name__ for h in fused.output_heads] == ["Linear", "Linear", "Identity"]
+    assert fused.fusion.proj.in_features == 24 + 32 + 48
+    plain = build(cnn_config(tiny_config, use_mlf=False, decoder_width=64))
+    assert plain.input_proj.in_features == 48 and plain.input_proj.out_features == 64
+    assert [h.out_features for h in plain.output_heads] == [24, 32, 48]
+    state = plain.trainable_state_dict()
+    assert "input_proj.weight" in state and not any(k.startswith("encoder.") for k in state)
+
+
+def test_cnc_switched_on_with_a_timm_encoder_is_an_error(tiny_config):
+    from cncad.encoders import TimmEncoder
+
+    encoder = TimmEncoder("test_efficientnet", image_size=64)
+    with pytest.raises(ValueError, match="needs an encoder with a text tower"):
+        CNCModel(tiny_config.replace(image_size=64), encoder=encoder)
+    with pytest.raises(ValueError, match="no text tower"):
+        tiny_config.replace(backbone="timm/test_efficientnet")

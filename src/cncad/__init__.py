@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from cncad.config import CNCConfig
 from cncad.detector import CNCDetector, Prediction
 from cncad.encoders import CLIPEncoder, CLIPTextTower, EncoderFeatures, build_tiny_clip
+from cncad.errors import CNCADError, DatasetError, ModelFileError, ModelVersionError
 from cncad.evaluation import AnomalyEvaluator
 from cncad.losses import (
     LossTerms,
@@ -44,16 +45,20 @@ __all__ = [
     "AnomalyEvaluator",
     "CLIPEncoder",
     "CLIPTextTower",
+    "CNCADError",
     "CNCConfig",
     "CNCDetector",
     "CNCModel",
     "CNCOutput",
+    "DatasetError",
     "EncoderFeatures",
     "FeatureNoise",
     "FeatureNormalityPromotion",
     "GatedMoE",
     "LossTerms",
     "MoEOutput",
+    "ModelFileError",
+    "ModelVersionError",
     "MultiLayerFusion",
     "Prediction",
     "PromptLearner",

@@ -1,14 +1,42 @@
-"""The ``cncad`` command line."""
+"""The ``cncad`` command line: ``fit``, ``predict``, ``evaluate`` and ``demo``.
+
+Results go to stdout, progress bars and errors to stderr. An error about the user's
+inputs (a missing folder, a folder without images, an unreadable image, a file that is not
+a cncad model) is one line, ``cncad: error: ...``, with exit status 1; a malformed command
+line exits with status 2 (argparse's usage message). ``--debug`` shows the full traceback
+instead. See ``docs/cli.md``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import gc
+import json
+import math
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["main"]
+import numpy as np
+from torch.utils.data import Dataset
+
+from cncad.config import CNCConfig
+from cncad.data import (
+    NORMAL_FOLDER_NAMES,
+    AnomalyFolder,
+    ImageFolderDataset,
+    find_categories,
+    load_image,
+)
+from cncad.errors import CNCADError, DatasetError
+
+__all__ = ["build_parser", "main"]
+
+_DEFAULTS = CNCConfig()
 
 _TINY_NOTE = (
     "note: the 'tiny' backbone is a small randomly initialised CLIP. These figures measure "
@@ -16,11 +44,367 @@ _TINY_NOTE = (
     "(backbone 'ViT-L-14-336-quickgelu', pretrained 'openai' or a local checkpoint)."
 )
 
+#: Errors reported as one line (they are about the inputs, not bugs in cncad).
+_USER_ERRORS: tuple[type[BaseException], ...] = (
+    CNCADError,
+    OSError,
+    ValueError,
+    RuntimeError,
+    FloatingPointError,
+)
+
+_SCORES_FILE = "scores.csv"
+
+
+# --------------------------------------------------------------------------------------
+# Argument types
+# --------------------------------------------------------------------------------------
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
+    return value
+
+
+def _pretrained(text: str) -> str | None:
+    return None if text.lower() == "none" else text
+
+
+# --------------------------------------------------------------------------------------
+# Helpers shared by the subcommands
+# --------------------------------------------------------------------------------------
+
+
+def _existing_dir(path: Path, what: str) -> Path:
+    """Check that ``path`` is an existing directory; ``what`` names it in the message."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not path.is_dir():
+        raise DatasetError(f"{what} is not a folder: {path}")
+    return path
+
+
+def _check_not_a_split_folder(root: Path) -> None:
+    """Refuse a folder that looks like the ``test/`` split of an MVTec-style category.
+
+    Read as a plain folder, its defect subfolders would be taken as normal images.
+    """
+    subdirs = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    normal = [name for name in subdirs if name.lower() in NORMAL_FOLDER_NAMES]
+    others = [name for name in subdirs if name.lower() not in NORMAL_FOLDER_NAMES]
+    if (normal and others) or "ground_truth" in subdirs:
+        raise DatasetError(
+            f"{root} looks like part of an MVTec-style dataset (it has the folders "
+            f"{', '.join(sorted(subdirs))}); pass the category folder, the one that holds "
+            "train/ and test/, or a folder of normal images only"
+        )
+
+
+def _training_data(root: Path, image_size: int) -> tuple[Dataset, str]:
+    """The training dataset for ``cncad fit DATA`` and a one-line description of it.
+
+    ``DATA`` is read as an MVTec-style tree when it, or one of its immediate subfolders,
+    holds a ``train/`` or ``test/`` folder (:func:`cncad.data.find_categories`); then the
+    normal images of every category's ``train/good`` are used. Otherwise it is a plain
+    folder: every image file under it, searched recursively, is a normal image.
+    """
+    _existing_dir(root, "data folder")
+    try:
+        find_categories(root)
+    except DatasetError:
+        _check_not_a_split_folder(root)
+        try:
+            plain = ImageFolderDataset(root, image_size=image_size)
+        except DatasetError as error:
+            raise DatasetError(
+                f"{error}; nor is {root} an MVTec-style dataset (no train/ or test/ "
+                "folder in it or in a folder directly inside it)"
+            ) from error
+        return plain, f"plain image folder {root}: {len(plain)} images, all taken as normal"
+    tree = AnomalyFolder(root, split="train", image_size=image_size)
+    return tree, (
+        f"MVTec-style dataset {root}: {len(tree)} normal training images in "
+        f"{len(tree.categories)} categor{'y' if len(tree.categories) == 1 else 'ies'} "
+        f"({', '.join(tree.categories)})"
+    )
+
+
+def _load_detector(path: str, **overrides: Any) -> Any:
+    from cncad.detector import CNCDetector
+
+    detector = CNCDetector.load(path, **overrides)
+    print(
+        f"loaded {path}: backbone {detector.config.backbone!r}, image size "
+        f"{detector.config.image_size}, trained {detector.epochs_trained} "
+        f"epoch{'' if detector.epochs_trained == 1 else 's'}, "
+        f"threshold {detector.threshold}"
+    )
+    return detector
+
+
+def _one_line(error: BaseException) -> str:
+    """A one-line message for ``error``.
+
+    Errors raised inside DataLoader worker processes carry the worker's traceback in their
+    message; only its last line, the original message, is kept.
+    """
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1]
+        text = re.sub(r"^[\w.]+: ", "", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------
+# cncad fit
+# --------------------------------------------------------------------------------------
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from cncad.detector import CNCDetector
+
+    fields = {
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "num_workers": args.num_workers,
+        "device": args.device,
+        "seed": args.seed,
+    }
+    overrides = {name: value for name, value in fields.items() if value is not None}
+    if args.pretrained is not None:
+        overrides["pretrained"] = _pretrained(args.pretrained)
+    elif args.backbone == "tiny":
+        overrides["pretrained"] = None
+    config = _DEFAULTS.replace(**overrides)
+    out = Path(args.out)
+    if out.is_dir():
+        raise DatasetError(f"--out must be a file name, but {out} is a folder")
+
+    start = time.perf_counter()
+    data, description = _training_data(Path(args.data), config.image_size)
+    print(f"training data: {description}")
+    detector = CNCDetector(config)
+    if args.threshold is not None:
+        detector.threshold = args.threshold
+    print(detector)
+    detector.fit(data, progress=not args.quiet, cache=not args.no_cache, cache_dir=args.cache_dir)
+    if detector.cache_stats is not None:
+        stats = detector.cache_stats
+        where = "memory" if stats["in_memory"] else "memory-mapped files"
+        print(
+            f"feature cache: {stats['images']} images, "
+            f"{stats['bytes_per_image'] / 2**10:.0f} KiB each, in {where}, "
+            f"filled in {stats['build_seconds']:.1f} s"
+        )
+    if detector.history:
+        print(
+            f"training loss: first epoch {detector.history[0]['total']:.4f}, "
+            f"last epoch {detector.history[-1]['total']:.4f}"
+        )
+    path = detector.save(out)
+    print(f"saved the trained detector to {path} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# cncad predict
+# --------------------------------------------------------------------------------------
+
+
+def _image_list(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
+    """Expand files and folders into ``(image file, heatmap path relative to --out)``.
+
+    A file keeps its name; a folder's images (searched recursively) keep their path
+    relative to it, under a folder named like it. Names that would clash get ``-2``,
+    ``-3``, ... appended.
+    """
+    pairs: list[tuple[Path, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            base = Path(path.resolve().name)
+            found = ImageFolderDataset(path, image_size=1).paths
+            pairs.extend((image, base / image.relative_to(path)) for image in found)
+        elif path.is_file():
+            pairs.append((path, Path(path.name)))
+        else:
+            raise FileNotFoundError(f"image file or folder not found: {path}")
+    used: set[str] = set()
+    result = []
+    for image, relative in pairs:
+        target = relative.with_suffix(".png")
+        count = 1
+        while target.as_posix().lower() in used:
+            count += 1
+            target = relative.with_name(f"{relative.stem}-{count}.png")
+        used.add(target.as_posix().lower())
+        result.append((image, target))
+    return result
+
+
+def _write_overlay(
+    path: Path, image_file: Path, amap: np.ndarray, alpha: float, vmin: float, vmax: float
+) -> None:
+    from PIL import Image
+
+    from cncad.visualize import overlay
+
+    image = np.asarray(load_image(image_file))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(overlay(image, amap.astype(np.float32), alpha, vmin, vmax)).save(path)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    if args.vmin is not None and args.vmax is not None and args.vmin >= args.vmax:
+        raise ValueError(f"--vmin ({args.vmin:g}) must be below --vmax ({args.vmax:g})")
+    images = _image_list(args.images)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"--out must be a folder, but {out} is a file")
+    overrides: dict[str, Any] = {"device": args.device}
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    detector = _load_detector(args.model, **overrides)
+    if args.threshold is not None:
+        detector.threshold = args.threshold
+    stream = args.vmin is not None and args.vmax is not None
+    batch_size = detector.config.batch_size
+    scores: list[float] = []
+    labels: list[bool] = []
+    kept: list[np.ndarray] = []
+    low, high = math.inf, -math.inf
+    with tqdm(total=len(images), desc="predict", unit="img", disable=args.quiet) as bar:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            prediction = detector.predict([load_image(image) for image, _ in chunk])
+            scores.extend(float(s) for s in prediction.pred_score)
+            if prediction.pred_label is not None:
+                labels.extend(bool(x) for x in prediction.pred_label)
+            for (image, target), amap in zip(chunk, prediction.anomaly_map, strict=True):
+                values = amap.float().numpy()
+                low, high = min(low, float(values.min())), max(high, float(values.max()))
+                if stream:
+                    _write_overlay(out / target, image, values, args.alpha, args.vmin, args.vmax)
+                else:
+                    kept.append(values.astype(np.float16))
+            bar.update(len(chunk))
+
+    vmin = args.vmin if args.vmin is not None else low
+    vmax = args.vmax if args.vmax is not None else high
+    if not stream:
+        for (image, target), values in zip(images, kept, strict=True):
+            _write_overlay(out / target, image, values, args.alpha, vmin, vmax)
+
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / _SCORES_FILE
+    with table.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score", *(["is_anomalous"] if labels else [])])
+        for index, ((image, _), score) in enumerate(zip(images, scores, strict=True)):
+            flag = ["true" if labels[index] else "false"] if labels else []
+            writer.writerow([str(image), f"{score:.8g}", *flag])
+    print(f"scored {len(images)} images: heatmap overlays in {out}, scores in {table}")
+    print(
+        f"heatmap colour scale: {vmin:.6g} (blue) to {vmax:.6g} (red); "
+        f"pass --vmin {vmin:.6g} --vmax {vmax:.6g} to draw other runs on the same scale"
+    )
+    if labels:
+        print(f"{sum(labels)} of {len(labels)} images have a score >= {detector.threshold:.6g}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# cncad evaluate
+# --------------------------------------------------------------------------------------
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _json_results(results: dict[str, Any], model: str, data: str) -> dict[str, Any]:
+    def clean(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            key: _finite_or_none(float(v) if key != "n_images" else int(v))
+            for key, v in row.items()
+        }
+
+    return {
+        "model": model,
+        "data": data,
+        "per_category": {name: clean(row) for name, row in results["per_category"].items()},
+        "mean": clean(results["mean"]),
+    }
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from cncad.evaluation import format_table
+
+    data = _existing_dir(Path(args.data), "data folder")
+    find_categories(data)
+    if args.json is not None and Path(args.json).is_dir():
+        raise DatasetError(f"--json must be a file name, but {args.json} is a folder")
+    overrides: dict[str, Any] = {"device": args.device}
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    if args.num_workers is not None:
+        overrides["num_workers"] = args.num_workers
+    detector = _load_detector(args.model, **overrides)
+    test_set = AnomalyFolder(
+        data, split="test", image_size=detector.config.image_size, mask_size=args.eval_size
+    )
+    print(f"test data: {test_set}")
+    results = detector.evaluate(test_set, eval_size=args.eval_size, progress=not args.quiet)
+    print(format_table(results))
+    if args.json is not None:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = _json_results(results, args.model, str(data))
+        path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# cncad demo
+# --------------------------------------------------------------------------------------
+
 
 def _demo(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from cncad.data import AnomalyFolder, load_image, load_mask, make_synthetic_dataset
+    from cncad.data import load_mask, make_synthetic_dataset
     from cncad.detector import CNCDetector
     from cncad.evaluation import format_table
     from cncad.visualize import save_panel
@@ -84,21 +468,279 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``cncad`` command."""
-    parser = argparse.ArgumentParser(
-        prog="cncad",
-        description="CNC multi-class anomaly detection (Wang et al., AAAI 2025).",
+# --------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------
+
+_MAIN_EPILOG = """\
+typical use:
+  cncad fit mvtec_ad --out model.cnc                 train one model on all categories
+  cncad evaluate model.cnc mvtec_ad --json eval.json  seven metrics per category
+  cncad predict model.cnc new_parts/ --out results    heatmaps and scores.csv
+  cncad demo                                          offline try-out, about a minute
+
+'cncad COMMAND --help' explains each command."""
+
+_FIT_DESCRIPTION = """\
+Train one CNC detector on normal (defect-free) images and save it to a file.
+
+DATA is either
+  * an MVTec AD-style dataset: a category folder holding train/ and test/, or a folder
+    of such category folders (MVTec AD, VisA 1cls, MPDD, BTAD). All categories are
+    trained together into one multi-class model, on their train/good images only; or
+  * a plain folder of normal images: if neither DATA nor any folder directly inside it
+    has a train/ or test/ folder, every image under DATA (subfolders included) is used.
+    A folder with good/ next to other folders (an MVTec test/ split) is refused.
+
+The frozen CLIP backbone is downloaded by open_clip on first use unless --pretrained
+names a local checkpoint. Defaults are the paper's settings (250 epochs: use a GPU)."""
+
+_FIT_EPILOG = """\
+examples:
+  cncad fit mvtec_ad --out mvtec.cnc
+  cncad fit mvtec_ad/bottle --out bottle.cnc --epochs 100 --device cuda
+  cncad fit line_3/accepted --out line3.cnc --pretrained ~/clip/ViT-L-14-336px.pt
+  cncad fit data --out quick.cnc --backbone tiny --image-size 112 --epochs 5  # smoke test"""
+
+_PREDICT_DESCRIPTION = """\
+Score images with a trained detector and draw where the anomalies are.
+
+IMAGES are image files and/or folders (searched recursively). Written under --out:
+  * one PNG per image: the anomaly map coloured blue (normal) to red (anomalous),
+    blended over the image. Files keep their name; a folder's images keep their path
+    inside it, under a folder with the folder's name;
+  * scores.csv with the columns path,score (higher is more anomalous) and, when the
+    detector has a threshold (fit --threshold or --threshold here), is_anomalous.
+
+All heatmaps of a run share one colour scale, from the lowest to the highest map value
+of the run, so a normal image looks cooler than a defective one; the scale is printed.
+Give both --vmin and --vmax to fix it (e.g. to compare runs); then maps are written as
+they are computed instead of being kept in memory until the end."""
+
+_PREDICT_EPILOG = """\
+examples:
+  cncad predict model.cnc part_001.png part_002.png --out results
+  cncad predict model.cnc new_parts/ --out results --threshold 0.8
+  cncad predict model.cnc new_parts/ --out results --vmin 0.1 --vmax 1.2"""
+
+_EVALUATE_DESCRIPTION = """\
+Measure a trained detector on the test split of an MVTec AD-style dataset.
+
+DATA is a category folder or a folder of category folders, as for 'cncad fit'; its
+test/good images are normal, the other test/ folders are defect types whose masks are
+read from ground_truth/. Prints I-AUROC, P-AUROC, AUPRO, I-AP, P-AP, I-F1max and
+P-F1max in percent, per category and their mean over categories (metrics that are
+undefined for a category are shown as '-' and left out of the mean)."""
+
+_EVALUATE_EPILOG = """\
+examples:
+  cncad evaluate model.cnc mvtec_ad
+  cncad evaluate model.cnc mvtec_ad/bottle --json bottle.json --device cuda
+
+The JSON file holds {"model", "data", "per_category": {name: {metric: value,
+"n_images": n}}, "mean": {...}} with values in [0, 1] and null for undefined ones."""
+
+_DEMO_DESCRIPTION = """\
+Generate a small synthetic defect dataset (two categories), train one multi-class CNC
+model with the tiny random backbone, print the seven metrics per category and write
+heatmap panels. Runs offline on a CPU in about a minute."""
+
+_DEMO_EPILOG = """\
+examples:
+  cncad demo
+  cncad demo --out /tmp/cnc --epochs 5 --quiet"""
+
+
+def _subparser(
+    commands: Any, name: str, help_text: str, description: str, epilog: str
+) -> argparse.ArgumentParser:
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", help="show the full traceback when an error occurs"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser(
+    return commands.add_parser(
+        name,
+        help=help_text,
+        description=description,
+        epilog=epilog,
+        parents=[debug],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available), cpu, cuda, cuda:1, ... (default: auto)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        help="images per forward pass (default: the one stored in the model)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_fit(commands: Any) -> None:
+    fit = _subparser(
+        commands,
+        "fit",
+        "train a detector on normal images and save it",
+        _FIT_DESCRIPTION,
+        _FIT_EPILOG,
+    )
+    fit.add_argument("data", metavar="DATA", help="MVTec-style dataset or folder of images")
+    fit.add_argument(
+        "--out",
+        default="model.cnc",
+        metavar="FILE",
+        help="model file to write (default: model.cnc)",
+    )
+    fit.add_argument(
+        "--backbone",
+        metavar="NAME",
+        help=f"open_clip model name, 'tiny' (small random model for tests) or a .pt "
+        f"checkpoint (default: {_DEFAULTS.backbone})",
+    )
+    fit.add_argument(
+        "--pretrained",
+        metavar="WEIGHTS",
+        help=f"open_clip pretrained tag, a local weights file, or 'none' for random "
+        f"weights (default: {_DEFAULTS.pretrained}; none with --backbone tiny)",
+    )
+    fit.add_argument(
+        "--image-size",
+        type=_positive_int,
+        metavar="N",
+        help=f"side of the square model input in pixels (default: {_DEFAULTS.image_size})",
+    )
+    fit.add_argument(
+        "--epochs",
+        type=_non_negative_int,
+        metavar="N",
+        help=f"training epochs (default: {_DEFAULTS.epochs})",
+    )
+    fit.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        help=f"training batch size (default: {_DEFAULTS.batch_size})",
+    )
+    fit.add_argument(
+        "--lr", type=float, metavar="RATE", help=f"Adam learning rate (default: {_DEFAULTS.lr:g})"
+    )
+    fit.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        metavar="N",
+        help=f"image loading processes (default: {_DEFAULTS.num_workers})",
+    )
+    fit.add_argument("--device", help=f"auto, cpu, cuda, cuda:1, ... (default: {_DEFAULTS.device})")
+    fit.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help=f"seed of weights, data order, noise (default: {_DEFAULTS.seed})",
+    )
+    fit.add_argument(
+        "--threshold",
+        type=float,
+        metavar="SCORE",
+        help="image score from which 'predict' reports an image as anomalous; stored "
+        "in the model file (default: none)",
+    )
+    fit.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="run the frozen encoder on every batch of every epoch instead of once per "
+        "image (slower; only useful with random augmentation)",
+    )
+    fit.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="folder for the feature cache when it does not fit in memory (default: the "
+        "system's temporary folder; the files are deleted at the end)",
+    )
+    fit.add_argument("--quiet", action="store_true", help="no progress bars")
+    fit.set_defaults(handler=_fit)
+
+
+def _add_predict(commands: Any) -> None:
+    predict = _subparser(
+        commands,
+        "predict",
+        "score images and write heatmap overlays and a CSV of scores",
+        _PREDICT_DESCRIPTION,
+        _PREDICT_EPILOG,
+    )
+    predict.add_argument("model", metavar="MODEL", help="model file written by 'cncad fit'")
+    predict.add_argument("images", metavar="IMAGES", nargs="+", help="image files or folders")
+    predict.add_argument(
+        "--out",
+        default="predictions",
+        metavar="DIR",
+        help="output folder (default: predictions)",
+    )
+    predict.add_argument(
+        "--threshold",
+        type=float,
+        metavar="SCORE",
+        help="image score threshold for is_anomalous (default: the model's, if any)",
+    )
+    predict.add_argument(
+        "--alpha",
+        type=_fraction,
+        default=0.5,
+        metavar="A",
+        help="weight of the heatmap over the image, 0 to 1 (default: 0.5)",
+    )
+    predict.add_argument(
+        "--vmin", type=float, metavar="V", help="map value drawn blue (default: run min)"
+    )
+    predict.add_argument(
+        "--vmax", type=float, metavar="V", help="map value drawn red (default: run max)"
+    )
+    _add_runtime_options(predict)
+    predict.set_defaults(handler=_predict)
+
+
+def _add_evaluate(commands: Any) -> None:
+    evaluate = _subparser(
+        commands,
+        "evaluate",
+        "compute the seven anomaly detection metrics on a labelled test set",
+        _EVALUATE_DESCRIPTION,
+        _EVALUATE_EPILOG,
+    )
+    evaluate.add_argument("model", metavar="MODEL", help="model file written by 'cncad fit'")
+    evaluate.add_argument("data", metavar="DATA", help="MVTec-style dataset with test/")
+    evaluate.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    evaluate.add_argument(
+        "--eval-size",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="side of the grid on which maps and masks are compared (default: 256)",
+    )
+    evaluate.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        metavar="N",
+        help="image loading processes (default: the one stored in the model)",
+    )
+    _add_runtime_options(evaluate)
+    evaluate.set_defaults(handler=_evaluate)
+
+
+def _add_demo(commands: Any) -> None:
+    demo = _subparser(
+        commands,
         "demo",
-        help="offline end-to-end run: synthetic defects, tiny backbone, metrics and heatmaps",
-        description=(
-            "Generate a small synthetic defect dataset (two categories), train one "
-            "multi-class CNC model with the tiny random backbone, print the seven metrics "
-            "per category and write heatmap panels. Runs offline on a CPU in about a minute."
-        ),
+        "offline end-to-end run: synthetic defects, tiny backbone, metrics and heatmaps",
+        _DEMO_DESCRIPTION,
+        _DEMO_EPILOG,
     )
     demo.add_argument("--out", default="cncad_demo_output", help="output folder")
     demo.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
@@ -111,6 +753,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of the ``cncad`` command.
+
+    Returns:
+        The parser; each subcommand stores its function as ``handler``.
+    """
+    parser = argparse.ArgumentParser(
+        prog="cncad",
+        description="CNC multi-class anomaly detection (Wang et al., AAAI 2025).",
+        epilog=_MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_fit(commands)
+    _add_predict(commands)
+    _add_evaluate(commands)
+    _add_demo(commands)
     return parser
 
 
@@ -121,14 +782,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        The process exit status.
+        The process exit status: 0 on success, 1 when the command failed (one line on
+        stderr), 2 for a malformed command line, 130 when interrupted.
     """
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"cncad {args.command}: error: {error}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        message, status = "interrupted", 130
+    except _USER_ERRORS as error:
+        if args.debug:
+            raise
+        message, status = f"error: {_one_line(error)}", 1
+    # Progress bars left open by the failed call close, and end their line, when its
+    # frames are freed: at the end of the except block, or here for frames caught in
+    # reference cycles. The message then gets a line of its own.
+    gc.collect()
+    print(f"cncad: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ __all__ = ["CNCConfig"]
 PromotionNorm = Literal["token", "map"]
 PromotionMode = Literal["broadcast", "direction"]
 ImageScoreMode = Literal["max", "topk_mean"]
+CompareGrid = Literal["common", "native"]
+
+TIMM_PREFIX = "timm/"  # kept equal to cncad.encoders.timm.TIMM_PREFIX (config imports no torch)
+_GRID_NAMES = ("coarsest", "finest")
 
 
 @dataclass(frozen=True)
@@ -25,15 +29,33 @@ class CNCConfig:
     Attributes:
         backbone: open_clip model name (``"ViT-L-14-336-quickgelu"``), ``"tiny"`` for the
             small randomly initialised test model, a path to an OpenAI-format ``.pt``
-            checkpoint, an open_clip ``"local-dir:..."`` / ``"hf-hub:..."`` source, or
-            ``"custom"`` when a CLIP model object is passed to the detector.
+            checkpoint, an open_clip ``"local-dir:..."`` / ``"hf-hub:..."`` source,
+            ``"timm/<name>"`` for a timm CNN or ViT (``"timm/tf_efficientnet_lite0"``; no
+            text tower, so ``use_cnc=False``), or ``"custom"`` when an encoder or CLIP
+            model object is passed to the detector.
         pretrained: open_clip pretrained tag (``"openai"``) or a local checkpoint file for
-            ``backbone``; ``None`` for random weights.
+            ``backbone``; ``None`` for random weights. For ``"timm/..."`` backbones a timm
+            pretrained tag (``"default"``, ``"in1k"``, downloaded from the hub); the CLIP
+            default ``"openai"`` is reset to ``None`` there.
+        weights: Local checkpoint file of the encoder, loaded after the model is built
+            (and after ``pretrained``), for any backbone; ``None`` for none.
+        weights_remap: Name of the key-remapping hook applied to ``weights`` before
+            loading (``"by_order"``, ``"strip_module"``, ``"strip_visual"`` or one
+            registered with :func:`cncad.encoders.register_remap`); ``None`` when the
+            file uses the model's own key names.
         image_size: Side of the square network input. The paper uses 224 with the 336 px
             model, so the position embedding is resized to a 16x16 grid.
         layers: 1-based indices of the tapped vision blocks, shallow to deep. ``None``
             taps ``num_taps`` blocks evenly spaced over the depth, ending at the last.
+            For timm CNNs the indices are pyramid levels (``feature_info`` entries);
+            ``None`` taps the ``num_taps`` levels that end one before the last.
         num_taps: Number of tapped blocks when ``layers`` is ``None`` (the paper uses 3).
+        feature_grid: The one token grid on which layers of unequal grids (CNN pyramids)
+            are fused and decoded: ``"coarsest"`` (the deepest tapped level, cheapest),
+            ``"finest"``, or a side length. Irrelevant when all grids are equal (ViTs).
+        compare_grid: Where decoded and encoded features are compared (loss and anomaly
+            map): ``"common"``, on ``feature_grid`` (encoder features resampled to it), or
+            ``"native"``, on each layer's own grid (decoded features resampled to it).
         prompt_length: Learnable context vectors per prompt (M in eqs. 2-3).
         normal_prompt: Words after the context of the normal prompt (eq. 2).
         abnormal_prompt: Words after the context of the abnormal prompt (eq. 3).
@@ -54,6 +76,12 @@ class CNCConfig:
         renormalize_gates: Whether the K selected gate values are renormalised to sum to 1
             (the paper uses the raw softmax values).
         decoder_mlp_ratio: MLP ratio of the decoder's transformer blocks (CLIP's is 4).
+        decoder_width: Token width of fusion output, MoE and decoder. ``None``: the
+            encoder's width when all tapped widths are equal (CLIP), else the largest
+            tapped width. Per-layer linear heads map it back to unequal widths.
+        decoder_heads: Attention heads of the decoder. ``None``: the encoder's when it is
+            a transformer of the same width, else the largest count <= width / 32 that
+            divides the width.
         tau: Temperature of the alignment losses (eqs. 4, 10).
         gamma: Weight of the decoder alignment loss (eq. 11).
         theta: Epoch from which the decoder alignment loss is added (eq. 11).
@@ -83,6 +111,10 @@ class CNCConfig:
     image_size: int = 224
     layers: tuple[int, ...] | None = None
     num_taps: int = 3
+    weights: str | None = None
+    weights_remap: str | None = None
+    feature_grid: Literal["coarsest", "finest"] | int = "coarsest"
+    compare_grid: CompareGrid = "common"
     prompt_length: int = 12
     normal_prompt: str = "object"
     abnormal_prompt: str = "damaged object"
@@ -96,6 +128,8 @@ class CNCConfig:
     expert_mlp_ratio: float = 1.0
     renormalize_gates: bool = False
     decoder_mlp_ratio: float = 4.0
+    decoder_width: int | None = None
+    decoder_heads: int | None = None
     tau: float = 0.001
     gamma: float = 0.1
     theta: int = 5
@@ -120,6 +154,34 @@ class CNCConfig:
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
         _check(self.image_size > 0, "image_size must be positive")
+        if self.backbone.startswith(TIMM_PREFIX):
+            _check(
+                not self.use_cnc,
+                f"backbone {self.backbone!r} has no text tower, which CNC (use_cnc=True) "
+                "needs for its prompts; set use_cnc=False for the visual-only model "
+                "(fusion + MoE + decoder, Table 2 row vi) or use a CLIP backbone",
+            )
+            if self.pretrained == "openai":
+                object.__setattr__(self, "pretrained", None)
+        if isinstance(self.feature_grid, str):
+            _check(
+                self.feature_grid in _GRID_NAMES,
+                f"feature_grid: 'coarsest', 'finest' or a side length, got {self.feature_grid!r}",
+            )
+        else:
+            _check(
+                isinstance(self.feature_grid, int) and self.feature_grid >= 1,
+                "feature_grid must be a positive side length",
+            )
+        _check(self.compare_grid in ("common", "native"), "compare_grid: 'common' or 'native'")
+        _check(
+            self.decoder_width is None or self.decoder_width >= 1,
+            "decoder_width must be positive",
+        )
+        _check(
+            self.decoder_heads is None or self.decoder_heads >= 1,
+            "decoder_heads must be positive",
+        )
         _check(self.num_taps >= 1, "num_taps must be at least 1")
         if self.layers is not None:
             _check(len(self.layers) >= 1, "layers must name at least one block")

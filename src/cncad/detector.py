@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -17,6 +18,8 @@ from tqdm.auto import tqdm
 from cncad import __version__
 from cncad.config import CNCConfig
 from cncad.data import AnomalyFolder, preprocess, resize_mask, to_image_tensor
+from cncad.data.cache import FeatureCache, epoch_permutation
+from cncad.errors import ModelFileError, ModelVersionError
 from cncad.evaluation import AnomalyEvaluator
 from cncad.model import CNCModel
 
@@ -59,9 +62,20 @@ class CNCDetector:
     Args:
         config: Full configuration; defaults to the paper's settings.
         clip_model: An open_clip model object to use as the frozen backbone (the config's
-            ``backbone`` becomes ``"custom"``).
+            ``backbone`` becomes ``"custom"``). A :class:`cncad.encoders.FrozenEncoder` or
+            a timm model given here is taken as ``encoder`` (so that
+            ``CNCDetector.load(path, clip_model=...)`` also restores custom encoders).
         tokenizer: The tokenizer of ``clip_model`` (default: the CLIP BPE tokenizer).
+        encoder: A frozen encoder object without a text tower, e.g.
+            ``TimmEncoder(timm_model, image_size=...)`` or a timm model (wrapped with the
+            config's ``image_size``, ``layers`` and ``num_taps``); the backbone becomes
+            ``"custom"``. Named timm models need no object: ``backbone="timm/<name>"``.
+            Such encoders serve the visual-only model, so they need ``use_cnc=False``.
         **overrides: Fields of :class:`CNCConfig` to change, e.g. ``epochs=10``.
+
+    Raises:
+        ValueError: ``use_cnc=True`` with an encoder that has no text tower, or
+            ``backbone="custom"`` without the object.
     """
 
     def __init__(
@@ -70,25 +84,36 @@ class CNCDetector:
         *,
         clip_model: nn.Module | None = None,
         tokenizer: Any = None,
+        encoder: nn.Module | None = None,
         **overrides: Any,
     ) -> None:
         config = config or CNCConfig()
         if overrides:
             config = config.replace(**overrides)
-        if clip_model is not None:
+        from cncad.encoders import FrozenEncoder
+
+        is_clip = hasattr(clip_model, "visual") and not isinstance(clip_model, FrozenEncoder)
+        if clip_model is not None and encoder is None and not is_clip:
+            clip_model, encoder = None, clip_model  # an encoder or timm model, not CLIP
+        if clip_model is not None or encoder is not None:
             config = config.replace(backbone=_CUSTOM_BACKBONE, pretrained=None)
         elif config.backbone == _CUSTOM_BACKBONE:
-            raise ValueError("backbone='custom' needs the model object: pass clip_model=...")
+            raise ValueError(
+                "backbone='custom' needs the model object: pass clip_model=... or encoder=..."
+            )
         self.config = config
         self.device = _resolve_device(config.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.model = CNCModel(config, clip_model=clip_model, tokenizer=tokenizer)
+            self.model = CNCModel(
+                config, clip_model=clip_model, tokenizer=tokenizer, encoder=encoder
+            )
         self.model.to(self.device).eval()
         self.threshold: float | None = None
         self.pixel_threshold: float | None = None
         self.epochs_trained = 0
         self.history: list[dict[str, float]] = []
+        self.cache_stats: dict[str, Any] | None = None
         self._optimizer: torch.optim.Optimizer | None = None
 
     # ------------------------------------------------------------------ training
@@ -97,8 +122,25 @@ class CNCDetector:
         data: DataLoader | Dataset | str | os.PathLike,
         epochs: int | None = None,
         progress: bool = True,
+        *,
+        cache: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+        cache_memory_gib: float = 4.0,
+        cache_dtype: torch.dtype = torch.float16,
     ) -> CNCDetector:
         """Train the prompts, fusion, MoE and decoder on normal images.
+
+        With ``cache=True`` (default) the frozen encoder runs once per image and every
+        epoch trains from the stored features (:class:`cncad.data.FeatureCache`); the
+        training noise is still drawn fresh at every step, so only the storage rounding
+        differs from ``cache=False``. Turn the cache off when ``data`` applies random
+        augmentation, which the cache would freeze.
+
+        Both paths visit the images in the same order for the same seed: a Dataset or
+        folder is shuffled by :func:`cncad.data.epoch_permutation` in batches of
+        ``config.batch_size``. A DataLoader you pass is used as it is without the cache;
+        with the cache it is read once, in its own order, and the epochs then follow
+        :func:`cncad.data.epoch_permutation` in batches of ``config.batch_size``.
 
         Args:
             data: A DataLoader or Dataset of preprocessed images (items/batches as produced
@@ -109,6 +151,13 @@ class CNCDetector:
             epochs: Epochs to run now (default ``config.epochs``). A second call continues
                 training; the epoch count used by eq. 11 carries on.
             progress: Show tqdm progress bars with the loss terms.
+            cache: Compute the frozen encoder's features once and train from them.
+            cache_dir: Folder for the memory-mapped cache files when the cache does not
+                fit in ``cache_memory_gib`` (default: the system's temporary folder).
+                The files are deleted when ``fit`` returns.
+            cache_memory_gib: Largest cache kept in memory, in GiB.
+            cache_dtype: Storage type of the cache, ``torch.float16`` or ``torch.float32``
+                (computation is float32 either way).
 
         Returns:
             ``self``.
@@ -117,16 +166,28 @@ class CNCDetector:
         epochs = cfg.epochs if epochs is None else epochs
         if epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {epochs}")
-        loader = self._train_loader(data)
+        source = self._train_source(data)
         if self._optimizer is None:
             self._optimizer = torch.optim.Adam(
                 self.model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
             )
+        feature_cache = None
+        if cache and epochs > 0:
+            start = time.perf_counter()
+            feature_cache = self._build_cache(
+                source, cache_dir, cache_memory_gib, cache_dtype, progress
+            )
+            self.cache_stats = {
+                "images": len(feature_cache),
+                "bytes_per_image": feature_cache.bytes_per_image,
+                "in_memory": feature_cache.in_memory,
+                "build_seconds": time.perf_counter() - start,
+            }
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(cfg.seed + self.epochs_trained)
-            self.model.train()
-            try:
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(cfg.seed + self.epochs_trained)
+                self.model.train()
                 epoch_bar = tqdm(
                     range(self.epochs_trained, self.epochs_trained + epochs),
                     desc="fit",
@@ -134,24 +195,36 @@ class CNCDetector:
                     disable=not progress,
                 )
                 for epoch in epoch_bar:
-                    means = self._train_epoch(loader, epoch, progress)
-                    self.history.append({"epoch": float(epoch), **means})
+                    if feature_cache is not None:
+                        order = epoch_permutation(len(feature_cache), cfg.seed, epoch)
+                        batches: Iterable = feature_cache.batches(
+                            cfg.batch_size, order, self.device
+                        )
+                        total = math.ceil(len(feature_cache) / cfg.batch_size)
+                    else:
+                        batches = self._encoded_batches(source, epoch)
+                        total = _num_batches(source, cfg.batch_size)
+                    start = time.perf_counter()
+                    means = self._train_epoch(batches, epoch, progress, total)
+                    seconds = time.perf_counter() - start
+                    self.history.append({"epoch": float(epoch), **means, "seconds": seconds})
                     self.epochs_trained = epoch + 1
                     epoch_bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
-            finally:
-                self.model.eval()
+        finally:
+            self.model.eval()
+            if feature_cache is not None:
+                feature_cache.close()
         return self
 
-    def _train_epoch(self, loader: Iterable, epoch: int, progress: bool) -> dict[str, float]:
+    def _train_epoch(
+        self, batches: Iterable, epoch: int, progress: bool, total: int | None
+    ) -> dict[str, float]:
         totals: dict[str, float] = {}
         steps = 0
-        batches = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress)
-        for batch in batches:
-            images = self._normal_images(batch)
-            if images is None:
-                continue
+        bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress, total=total)
+        for features in bar:
             with self._autocast():
-                terms = self.model.loss(self.model(images), epoch)
+                terms = self.model.loss(self.model.forward_features(features), epoch)
             self._optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             self._optimizer.step()
@@ -161,30 +234,75 @@ class CNCDetector:
             for key, value in values.items():
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1
-            batches.set_postfix(loss=f"{values['total']:.4f}")
+            bar.set_postfix(loss=f"{values['total']:.4f}")
         if steps == 0:
             raise ValueError("the training data holds no normal images (label 0)")
         return {key: value / steps for key, value in totals.items()}
 
-    def _train_loader(self, data: Any) -> Iterable:
-        cfg = self.config
-        if isinstance(data, DataLoader):
-            return data
+    def _train_source(self, data: Any) -> DataLoader | Dataset:
         if isinstance(data, (str, os.PathLike)):
-            data = AnomalyFolder(data, split="train", image_size=cfg.image_size)
-        if isinstance(data, Dataset):
-            generator = torch.Generator().manual_seed(cfg.seed)
-            return DataLoader(
-                data,
-                batch_size=cfg.batch_size,
-                shuffle=True,
-                generator=generator,
-                num_workers=cfg.num_workers,
-                drop_last=False,
-            )
+            data = AnomalyFolder(data, split="train", image_size=self.config.image_size)
+        if isinstance(data, (DataLoader, Dataset)):
+            return data
         raise TypeError(
             f"fit expects a DataLoader, a Dataset or a folder path, got {type(data).__name__}"
         )
+
+    def _image_batches(self, source: DataLoader | Dataset, epoch: int | None) -> Iterator[Tensor]:
+        """Normal images on the device, in the epoch's order (stored order if None)."""
+        loader = source
+        if isinstance(source, Dataset):
+            order = None
+            if epoch is not None:
+                order = epoch_permutation(len(source), self.config.seed, epoch).tolist()
+            loader = DataLoader(
+                source,
+                batch_size=self.config.batch_size,
+                sampler=order,
+                num_workers=self.config.num_workers,
+                # Its own generator: drawing worker seeds from the global one would shift
+                # the training-noise stream between the cached and uncached paths.
+                generator=torch.Generator().manual_seed(self.config.seed),
+            )
+        for batch in loader:
+            images = self._normal_images(batch)
+            if images is not None:
+                yield images
+
+    def _encoded_batches(self, source: DataLoader | Dataset, epoch: int) -> Iterator[Any]:
+        for images in self._image_batches(source, epoch):
+            with self._autocast():
+                features = self.model.encode(images)
+            yield features  # outside the autocast context: the consumer sets its own
+
+    def _build_cache(
+        self,
+        source: DataLoader | Dataset,
+        directory: str | os.PathLike | None,
+        memory_gib: float,
+        dtype: torch.dtype,
+        progress: bool,
+    ) -> FeatureCache:
+        def encode(images: Tensor) -> Any:
+            with self._autocast():
+                return self.model.encode(images)
+
+        dataset = source.dataset if isinstance(source, DataLoader) else source
+        max_images = len(dataset) if hasattr(dataset, "__len__") else None
+        try:
+            return FeatureCache.build(
+                encode,
+                self._image_batches(source, epoch=None),
+                max_images,
+                dtype=dtype,
+                memory_limit_gib=memory_gib,
+                directory=directory,
+                progress=progress,
+            )
+        except ValueError as error:
+            if "no images" in str(error):
+                raise ValueError("the training data holds no normal images (label 0)") from None
+            raise
 
     def _normal_images(self, batch: Any) -> Tensor | None:
         labels = None
@@ -365,17 +483,42 @@ class CNCDetector:
 
         Returns:
             The detector, in eval mode, predicting exactly as the saved one.
+
+        Raises:
+            FileNotFoundError: If ``path`` does not exist.
+            ModelFileError: (a ``ValueError``) If the file is not a detector file.
+            ModelVersionError: (a ``ModelFileError``) If it was written in a file format
+                or with a configuration that this version of cncad cannot read.
         """
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"model file not found: {path}")
+        if path.is_dir():
+            raise ModelFileError(f"{path} is a directory, not a cncad detector file")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as error:  # torch.load fails in many ways on foreign files
+            raise ModelFileError(
+                f"{path} is not a cncad detector file (torch.load cannot read it as a "
+                f"file of plain tensors: {type(error).__name__})"
+            ) from error
         if not isinstance(payload, dict) or payload.get("format") != _FILE_FORMAT:
-            raise ValueError(f"{path} is not a cncad detector file")
+            raise ModelFileError(f"{path} is not a cncad detector file")
         if payload.get("format_version") != _FILE_FORMAT_VERSION:
-            raise ValueError(
+            raise ModelVersionError(
                 f"{path} has file format version {payload.get('format_version')} "
                 f"(written by cncad {payload.get('cncad_version')}); this cncad "
                 f"({__version__}) reads version {_FILE_FORMAT_VERSION}"
             )
-        config = CNCConfig.from_dict(payload["config"])
+        try:
+            config = CNCConfig.from_dict(payload["config"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelVersionError(
+                f"{path} holds a configuration this cncad ({__version__}) cannot read "
+                f"(written by cncad {payload.get('cncad_version')}): {error}"
+            ) from error
         if overrides:
             config = config.replace(**overrides)
         if config.backbone == _CUSTOM_BACKBONE and clip_model is None:
@@ -410,6 +553,15 @@ def _resize_map(amap: Tensor, size: Sequence[int]) -> Tensor:
     if tuple(amap.shape[-2:]) == tuple(size):
         return amap
     return F.interpolate(amap[None, None], size=tuple(size), mode="bilinear").squeeze(0).squeeze(0)
+
+
+def _num_batches(source: DataLoader | Dataset, batch_size: int) -> int | None:
+    try:
+        if isinstance(source, DataLoader):
+            return len(source)
+        return math.ceil(len(source) / batch_size)  # type: ignore[arg-type]
+    except TypeError:  # iterable-style data without a length
+        return None
 
 
 def _num_items(loader: DataLoader) -> int | None:

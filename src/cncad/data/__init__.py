@@ -1,9 +1,10 @@
 """Data loading: image and mask decoding, preprocessing, datasets and synthetic data.
 
 The public names are re-exported here; see :mod:`cncad.data.transforms`,
-:mod:`cncad.data.folder` and :mod:`cncad.data.synthetic` for details.
+:mod:`cncad.data.folder`, :mod:`cncad.data.synthetic` and :mod:`cncad.data.cache` for details.
 """
 
+from cncad.data.cache import FeatureCache, epoch_permutation
 from cncad.data.folder import (
     MASK_EXTENSIONS,
     NORMAL_FOLDER_NAMES,
@@ -43,10 +44,12 @@ __all__ = [
     "SYNTHETIC_CATEGORIES",
     "AnomalyFolder",
     "AnomalySample",
+    "FeatureCache",
     "ImageFolderDataset",
     "ImageInput",
     "ImageReadError",
     "denormalize",
+    "epoch_permutation",
     "find_categories",
     "is_image_file",
     "load_image",

@@ -34,6 +34,7 @@ from cncad.data.transforms import (
     resize_mask,
     to_image_tensor,
 )
+from cncad.errors import DatasetError
 
 __all__ = [
     "MASK_EXTENSIONS",
@@ -112,7 +113,8 @@ def find_categories(root: str | os.PathLike) -> dict[str, Path]:
 
     Raises:
         FileNotFoundError: If ``root`` is not an existing directory.
-        ValueError: If ``root`` is neither a category nor holds any category.
+        DatasetError: (a ``ValueError``) If ``root`` is neither a category nor holds any
+            category.
     """
     root = Path(root)
     if not root.is_dir():
@@ -121,7 +123,7 @@ def find_categories(root: str | os.PathLike) -> dict[str, Path]:
         return {root.resolve().name: root}
     found = {sub.name: sub for sub in _subdirs(root) if _is_category_dir(sub)}
     if not found:
-        raise ValueError(
+        raise DatasetError(
             f"{root} is not an anomaly detection dataset: it has no 'train'/'test' folder "
             "(single category) and no subfolder that has one (several categories)"
         )
@@ -207,7 +209,8 @@ class AnomalyFolder(Dataset):
             folder, or a defective test image has no mask (the message names the image and
             every path tried).
         ValueError: If the layout is not recognised, ``split`` is invalid, a requested
-            category does not exist, or a category has no image in the split.
+            category does not exist, or a category has no image in the split (the first
+            and the last as :class:`~cncad.errors.DatasetError`, a ``ValueError``).
 
     Example:
         >>> from torch.utils.data import DataLoader
@@ -280,7 +283,7 @@ class AnomalyFolder(Dataset):
                 )
         if not samples:
             expected = "/".join(NORMAL_FOLDER_NAMES) if self.split == "train" else "<defect>"
-            raise ValueError(
+            raise DatasetError(
                 f"category {name!r} has no images in {split_dir} (expected image files "
                 f"with extensions {', '.join(IMAGE_EXTENSIONS)} in {self.split}/{expected}/)"
             )
@@ -347,7 +350,7 @@ class ImageFolderDataset(Dataset):
 
     Raises:
         FileNotFoundError: If a given path does not exist.
-        ValueError: If no image file is found.
+        DatasetError: (a ``ValueError``) If no image file is found.
     """
 
     def __init__(
@@ -376,7 +379,7 @@ class ImageFolderDataset(Dataset):
                 raise FileNotFoundError(f"image files not found: {', '.join(missing[:5])}")
             source = "the given list"
         if not self.paths:
-            raise ValueError(
+            raise DatasetError(
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {source}"
                 + ("" if recursive else " (recursive=False)")
             )

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from cncad.errors import CNCADError
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -55,7 +57,7 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
 _UINT16_MAX = 65535
 
 
-class ImageReadError(ValueError):
+class ImageReadError(CNCADError, ValueError):
     """An image or mask file exists but cannot be decoded (corrupt, truncated, unsupported)."""
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import resize_pos_embed
 from torch import Tensor, nn
+
+from cncad.encoders.base import EncoderFeatures, FrozenEncoder
 
 __all__ = [
     "TINY_BACKBONE",
@@ -127,19 +128,6 @@ def default_layers(depth: int, num_taps: int = 3) -> tuple[int, ...]:
     return tuple(round(depth * (k + 1) / num_taps) for k in range(num_taps))
 
 
-class EncoderFeatures(NamedTuple):
-    """The tapped features of one batch, shallow to deep.
-
-    Attributes:
-        class_tokens: One ``(B, C)`` class token per tapped block.
-        patch_tokens: One ``(B, L, C)`` patch-token sequence per tapped block,
-            ``L = h * w`` in row-major grid order.
-    """
-
-    class_tokens: list[Tensor]
-    patch_tokens: list[Tensor]
-
-
 class CLIPTextTower(nn.Module):
     """The frozen CLIP text transformer, fed with token embeddings instead of token ids.
 
@@ -211,7 +199,7 @@ class CLIPTextTower(nn.Module):
         return x @ self.text_projection
 
 
-class CLIPEncoder(nn.Module):
+class CLIPEncoder(FrozenEncoder):
     """The frozen CLIP visual encoder with tapped blocks (the teacher of reverse distillation).
 
     Args:
@@ -255,13 +243,32 @@ class CLIPEncoder(nn.Module):
         if max(self.layers) > depth or min(self.layers) < 1:
             raise ValueError(f"layers {self.layers} out of range for a {depth}-block encoder")
         self.text = CLIPTextTower(clip_model) if with_text else None
-        self.requires_grad_(False)
-        self.eval()
+        self.freeze()
 
     @property
     def width(self) -> int:
         """Channel width C of the tapped tokens."""
         return self.visual.transformer.width
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Channel width of each tapped layer (all equal to :attr:`width`)."""
+        return (self.width,) * len(self.layers)
+
+    @property
+    def grids(self) -> tuple[tuple[int, int], ...]:
+        """Patch grid of each tapped layer (all equal to :attr:`grid_size`)."""
+        return (self.grid_size,) * len(self.layers)
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the text tower was kept (``with_text=True``)."""
+        return self.text is not None
+
+    @property
+    def has_class_token(self) -> bool:
+        """CLIP's ViT always has a class token."""
+        return True
 
     @property
     def num_heads(self) -> int:
@@ -279,18 +286,10 @@ class CLIPEncoder(nn.Module):
         """Patch grid ``(h, w)`` of the tapped features."""
         return tuple(self.visual.grid_size)
 
-    def train(self, mode: bool = True) -> CLIPEncoder:
-        """Keep the frozen encoder in eval mode whatever the parent module does."""
-        return super().train(False)
-
     @torch.no_grad()
     def forward(self, images: Tensor) -> EncoderFeatures:
         """Run the vision tower and return the class and patch tokens of the tapped blocks."""
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"encoder expects {self.image_size}x{self.image_size} inputs, got "
-                f"{tuple(images.shape[-2:])}"
-            )
+        self.check_input(images)
         out = self.visual.forward_intermediates(
             images,
             indices=[i - 1 for i in self.layers],

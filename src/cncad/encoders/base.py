@@ -1,0 +1,138 @@
+"""The frozen-encoder interface shared by the CLIP and timm encoders.
+
+An encoder turns ``(B, 3, S, S)`` images into the tapped features of N layers, shallow to
+deep, as an :class:`EncoderFeatures` (patch tokens in row-major grid order, plus class
+tokens when the encoder has them), and tells the rest of the model what it needs to know:
+the channel width and the grid of every tapped layer, whether there is a text tower (CNC
+needs one), and the attention head count when it is a transformer.
+
+Feature maps ``(B, C, h, w)`` of CNNs are flattened to tokens ``(B, h * w, C)`` by the
+encoder; :func:`tokens_to_map` and :func:`resample_tokens` go back and forth.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import NamedTuple
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["EncoderFeatures", "FrozenEncoder", "resample_tokens", "tokens_to_map"]
+
+Grid = tuple[int, int]
+
+
+class EncoderFeatures(NamedTuple):
+    """The tapped features of one batch, shallow to deep.
+
+    Every field is ``None`` or a list with one tensor per tapped layer, batch dimension
+    first, so a feature cache can store and slice it field by field.
+
+    Attributes:
+        class_tokens: One ``(B, C_i)`` class token per tapped layer, or ``None`` for
+            encoders without one (CNNs).
+        patch_tokens: One ``(B, L_i, C_i)`` patch-token sequence per tapped layer,
+            ``L_i = h_i * w_i`` in row-major order of the layer's grid
+            (:attr:`FrozenEncoder.grids`). Widths and grids may differ between layers.
+    """
+
+    class_tokens: list[Tensor] | None
+    patch_tokens: list[Tensor]
+
+
+class FrozenEncoder(nn.Module, abc.ABC):
+    """Base class of the frozen teachers: no gradients, always in eval mode.
+
+    Subclasses set ``self.image_size`` and ``self.layers`` and implement :meth:`forward`,
+    :attr:`widths` and :attr:`grids`; the other properties have defaults for a CNN.
+
+    Shapes:
+        forward: ``(B, 3, image_size, image_size)`` normalised images ->
+        :class:`EncoderFeatures` with ``(B, L_i, C_i)`` patch tokens.
+    """
+
+    image_size: int
+    layers: tuple[int, ...]
+
+    @property
+    @abc.abstractmethod
+    def widths(self) -> tuple[int, ...]:
+        """Channel width C_i of each tapped layer, shallow to deep."""
+
+    @property
+    @abc.abstractmethod
+    def grids(self) -> tuple[Grid, ...]:
+        """Token grid ``(h_i, w_i)`` of each tapped layer at ``image_size``."""
+
+    @property
+    def has_text(self) -> bool:
+        """Whether a text tower is attached (required by CNC prompt learning)."""
+        return False
+
+    @property
+    def has_class_token(self) -> bool:
+        """Whether :meth:`forward` returns class tokens."""
+        return False
+
+    @property
+    def num_heads(self) -> int | None:
+        """Attention heads of a transformer encoder, ``None`` for CNNs."""
+        return None
+
+    @abc.abstractmethod
+    def forward(self, images: Tensor) -> EncoderFeatures:
+        """Tapped features of ``(B, 3, image_size, image_size)`` images."""
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        """Keep the frozen encoder in eval mode whatever the parent module does."""
+        return super().train(False)
+
+    def freeze(self) -> None:
+        """Switch off gradients of every parameter and enter eval mode."""
+        self.requires_grad_(False)
+        self.eval()
+
+    def check_input(self, images: Tensor) -> None:
+        """Raise a ``ValueError`` unless ``images`` is ``(B, 3, image_size, image_size)``."""
+        if images.ndim != 4 or images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"encoder expects {self.image_size}x{self.image_size} inputs "
+                f"(B, 3, {self.image_size}, {self.image_size}), got {tuple(images.shape)}"
+            )
+
+
+def tokens_to_map(tokens: Tensor, grid: Grid) -> Tensor:
+    """Row-major tokens ``(B, h * w, C)`` as a feature map ``(B, C, h, w)``."""
+    batch, length, channels = tokens.shape
+    if length != grid[0] * grid[1]:
+        raise ValueError(f"{length} tokens do not fill a {grid[0]}x{grid[1]} grid")
+    return tokens.transpose(1, 2).reshape(batch, channels, grid[0], grid[1])
+
+
+def resample_tokens(tokens: Tensor, grid: Grid, target: Grid) -> Tensor:
+    """Resample row-major patch tokens from one grid to another, bilinearly.
+
+    Shrinking uses antialiasing (a triangle filter over the covered cells), so a coarse
+    grid averages the fine features instead of picking every other one.
+
+    Args:
+        tokens: ``(B, h * w, C)`` tokens on ``grid = (h, w)``.
+        grid: Their grid.
+        target: The grid ``(h', w')`` to resample to.
+
+    Returns:
+        ``(B, h' * w', C)`` tokens; ``tokens`` itself when the grids are equal.
+    """
+    grid, target = tuple(grid), tuple(target)
+    if grid == target:
+        return tokens
+    shrink = target[0] < grid[0] or target[1] < grid[1]
+    resized = F.interpolate(
+        tokens_to_map(tokens, grid),
+        size=target,
+        mode="bilinear",
+        align_corners=False,
+        antialias=shrink,
+    )
+    return resized.flatten(2).transpose(1, 2)

@@ -1,0 +1,30 @@
+"""Exceptions that cncad raises for problems with the user's files, not with the code.
+
+They all derive from :class:`CNCADError`, and each also derives from the built-in
+exception that was raised at the same place before it existed (``ValueError``), so
+``except ValueError`` keeps working. The command line turns them into one-line messages.
+
+The exception for an image file that cannot be decoded,
+:class:`cncad.data.ImageReadError`, lives with the image decoding code and also derives
+from :class:`CNCADError`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CNCADError", "DatasetError", "ModelFileError", "ModelVersionError"]
+
+
+class CNCADError(Exception):
+    """Base class of the errors about the user's inputs (data folders, model files)."""
+
+
+class DatasetError(CNCADError, ValueError):
+    """A data folder has no usable images, or its layout is not recognised."""
+
+
+class ModelFileError(CNCADError, ValueError):
+    """A file is not a detector written by :meth:`cncad.CNCDetector.save`, or is damaged."""
+
+
+class ModelVersionError(ModelFileError):
+    """A detector file was written in a file format that this cncad cannot read."""

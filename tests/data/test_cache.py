@@ -1,0 +1,161 @@
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from cncad import CNCDetector
+from cncad.data import FeatureCache, epoch_permutation
+
+
+class Features(NamedTuple):
+    class_tokens: list[Tensor] | None
+    patch_tokens: list[Tensor]
+
+
+def fake_encode(images: Tensor) -> Features:
+    """Deterministic per-image features of two layers plus class tokens."""
+    pooled = images.mean(dim=(2, 3))  # (B, 3)
+    patches = images.flatten(2).transpose(1, 2)  # (B, H*W, 3)
+    return Features([pooled, 2 * pooled], [patches, patches * 3 + 1])
+
+
+def image_batches(n: int, batch_size: int, seed: int = 0) -> tuple[Tensor, list[Tensor]]:
+    images = torch.randn(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+    return images, list(images.split(batch_size))
+
+
+@pytest.mark.parametrize("memory_limit_gib", [4.0, 0.0])
+def test_cache_returns_the_encoder_output_of_the_requested_images(memory_limit_gib, tmp_path):
+    images, batches = image_batches(10, 3)
+    cache = FeatureCache.build(
+        fake_encode,
+        batches,
+        10,
+        dtype=torch.float32,
+        memory_limit_gib=memory_limit_gib,
+        directory=tmp_path,
+        progress=False,
+    )
+    assert len(cache) == 10
+    assert cache.in_memory == (memory_limit_gib > 0)
+    assert cache.bytes_per_image == 4 * (3 + 3 + 16 * 3 * 2)
+    indices = torch.tensor([7, 2, 9])
+    got = cache.get(indices)
+    expected = fake_encode(images[indices])
+    assert isinstance(got, Features)
+    for a, b in zip(
+        got.class_tokens + got.patch_tokens,
+        expected.class_tokens + expected.patch_tokens,
+        strict=True,
+    ):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    files = list(tmp_path.iterdir())
+    assert len(files) == (0 if cache.in_memory else 4)
+    cache.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_float16_storage_halves_the_size_and_rounds_like_float16():
+    images, batches = image_batches(5, 2)
+    cache = FeatureCache.build(fake_encode, batches, 5, progress=False)
+    assert cache.bytes_per_image == 2 * (3 + 3 + 16 * 3 * 2)
+    got = cache.get(range(5)).patch_tokens[1]
+    expected = fake_encode(images).patch_tokens[1]
+    torch.testing.assert_close(got, expected.half().float(), rtol=0, atol=0)
+    assert not torch.equal(got, expected)
+
+
+def test_batches_follow_the_order_and_keep_none_fields():
+    def encode(images: Tensor) -> Features:
+        return Features(None, [images.flatten(1)])
+
+    images, batches = image_batches(7, 4)
+    cache = FeatureCache.build(encode, batches, None, dtype=torch.float32, progress=False)
+    order = epoch_permutation(7, seed=1, epoch=0)
+    served = list(cache.batches(3, order))
+    assert [len(b.patch_tokens[0]) for b in served] == [3, 3, 1]
+    assert all(b.class_tokens is None for b in served)
+    torch.testing.assert_close(
+        torch.cat([b.patch_tokens[0] for b in served]), images.flatten(1)[order]
+    )
+
+
+def test_fewer_images_than_announced_are_trimmed_and_more_are_an_error():
+    _, batches = image_batches(5, 2)
+    assert len(FeatureCache.build(fake_encode, batches, 9, progress=False)) == 5
+    with pytest.raises(ValueError, match="more than the announced 3"):
+        FeatureCache.build(fake_encode, batches, 3, progress=False)
+    with pytest.raises(ValueError, match="no images"):
+        FeatureCache.build(fake_encode, [], 3, progress=False)
+
+
+def test_overflow_of_float16_is_a_clear_error():
+    huge = [torch.full((2, 3, 4, 4), 1e5)]
+    with pytest.raises(ValueError, match=r"float32"):
+        FeatureCache.build(fake_encode, huge, 2, progress=False)
+    cache = FeatureCache.build(fake_encode, huge, 2, dtype=torch.float32, progress=False)
+    assert float(cache.get([0]).class_tokens[0].max()) == 1e5
+
+
+def test_encoder_output_must_be_a_named_tuple_of_tensor_lists():
+    with pytest.raises(TypeError, match="NamedTuple"):
+        FeatureCache.build(lambda x: [x], [torch.zeros(1, 3, 2, 2)], 1, progress=False)
+    with pytest.raises(TypeError, match="'patch_tokens'"):
+        FeatureCache.build(
+            lambda x: Features(None, x), [torch.zeros(1, 3, 2, 2)], 1, progress=False
+        )
+
+
+def test_epoch_permutation_is_seeded_and_changes_with_the_epoch():
+    a = epoch_permutation(20, seed=0, epoch=0)
+    assert torch.equal(a, epoch_permutation(20, seed=0, epoch=0))
+    assert sorted(a.tolist()) == list(range(20))
+    assert not torch.equal(a, epoch_permutation(20, seed=0, epoch=1))
+    assert not torch.equal(a, epoch_permutation(20, seed=1, epoch=0))
+
+
+def _train(cache: bool, data, **fit_options) -> CNCDetector:
+    detector = CNCDetector(
+        backbone="tiny", pretrained=None, image_size=56, batch_size=3, theta=1, device="cpu"
+    )
+    return detector.fit(data, epochs=2, progress=False, cache=cache, **fit_options)
+
+
+@pytest.fixture(scope="module")
+def normal_images() -> TensorDataset:
+    images = torch.rand(7, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    normalized = (images - 0.45) / 0.27
+    return TensorDataset(normalized, torch.zeros(7, dtype=torch.long))
+
+
+def test_training_losses_agree_with_and_without_the_cache(normal_images):
+    plain = _train(False, normal_images)
+    exact = _train(True, normal_images, cache_dtype=torch.float32)
+    half = _train(True, normal_images, cache_memory_gib=0.0)  # float16, memory-mapped
+    for name in ("total", "distill", "constraint", "moe"):
+        reference = np.array([h[name] for h in plain.history])
+        np.testing.assert_allclose(
+            [h[name] for h in exact.history], reference, rtol=1e-4, atol=1e-6
+        )
+        np.testing.assert_allclose([h[name] for h in half.history], reference, rtol=2e-2, atol=1e-4)
+    assert plain.history[0]["total"] != plain.history[1]["total"]
+
+
+def test_cache_reads_a_dataloader_once_and_skips_defective_images():
+    images = torch.randn(6, 3, 56, 56)
+    labels = torch.tensor([0, 1, 0, 1, 0, 0])
+    reads = []
+
+    class Counting(TensorDataset):
+        def __getitem__(self, index):
+            reads.append(index)
+            return super().__getitem__(index)
+
+    loader = DataLoader(Counting(images, labels), batch_size=2)
+    detector = _train(True, loader)
+    assert detector.epochs_trained == 2
+    assert len(reads) == 6  # one pass over the loader for two epochs

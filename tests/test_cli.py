@@ -1,0 +1,379 @@
+"""The ``cncad`` command line, end to end on tiny synthetic data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cncad import CNCDetector
+from cncad.cli import main
+from cncad.data import make_synthetic_dataset
+from cncad.evaluation import METRIC_NAMES
+
+TINY = ["--backbone", "tiny", "--image-size", "56", "--epochs", "1", "--batch-size", "4"]
+TINY += ["--device", "cpu", "--quiet"]
+CATEGORIES = ("bolt_like", "carpet_like")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli_data")
+    return make_synthetic_dataset(
+        root, categories=CATEGORIES, n_train=4, n_test_good=2, n_test_defect=3, image_size=64
+    )
+
+
+@pytest.fixture(scope="module")
+def model_file(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli_model") / "model.cnc"
+    assert main(["fit", str(data_root), "--out", str(out), *TINY]) == 0
+    return out
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _assert_one_line_error(capsys: pytest.CaptureFixture[str], status: int, *names: str) -> str:
+    """The error is one line of its own, the last on stderr (after any progress bar)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 1
+    assert "Traceback" not in err
+    assert err.count("cncad: error: ") == 1, err
+    assert lines[-1].startswith("cncad: error: "), err
+    for name in names:
+        assert name in lines[-1]
+    return lines[-1]
+
+
+# -------------------------------------------------------------------------------- fit
+
+
+def test_fit_on_an_mvtec_tree_writes_a_loadable_model(model_file: Path) -> None:
+    detector = CNCDetector.load(model_file)
+    assert detector.config.backbone == "tiny"
+    assert detector.config.pretrained is None
+    assert detector.config.image_size == 56
+    assert detector.config.batch_size == 4
+    assert detector.epochs_trained == 1
+    assert detector.threshold is None
+
+
+def test_fit_on_a_plain_folder_uses_every_image_and_stores_the_threshold(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = tmp_path / "accepted"
+    shutil.copytree(data_root / "carpet_like" / "train" / "good", plain / "day_1")
+    (plain / "loose.png").write_bytes((plain / "day_1" / "000.png").read_bytes())
+    out = tmp_path / "sub" / "plain.cnc"
+
+    status = main(["fit", str(plain), "--out", str(out), "--threshold", "0.25", *TINY])
+
+    assert status == 0
+    stdout = capsys.readouterr().out
+    assert f"plain image folder {plain}: 5 images" in stdout
+    assert "feature cache: 5 images" in stdout
+    assert f"saved the trained detector to {out}" in stdout
+    detector = CNCDetector.load(out)
+    assert detector.threshold == 0.25
+    assert detector.epochs_trained == 1
+
+
+def test_fit_without_the_cache_and_with_a_cache_folder(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = data_root / "carpet_like" / "train" / "good"
+    out = tmp_path / "model.cnc"
+    assert main(["fit", str(plain), "--out", str(out), "--no-cache", *TINY]) == 0
+    assert "feature cache" not in capsys.readouterr().out
+    cache_dir = tmp_path / "cache"
+    assert main(["fit", str(plain), "--out", str(out), "--cache-dir", str(cache_dir), *TINY]) == 0
+    assert "feature cache: " in capsys.readouterr().out
+    assert not any(cache_dir.iterdir()) if cache_dir.exists() else True
+
+
+# -------------------------------------------------------------------------------- predict
+
+
+def test_predict_writes_one_overlay_per_image_and_the_scores(
+    model_file: Path, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = data_root / "carpet_like" / "test"
+    single = data_root / "bolt_like" / "test" / "good" / "000.png"
+    out = tmp_path / "results"
+
+    status = main(["predict", str(model_file), str(folder), str(single), "--out", str(out)])
+
+    assert status == 0
+    folder_images = sorted(folder.rglob("*.png"))
+    expected = [out / "test" / p.relative_to(folder) for p in folder_images] + [out / "000.png"]
+    for path in expected:
+        with Image.open(path) as picture:
+            assert picture.size == (64, 64) and picture.mode == "RGB"
+    assert sorted(p for p in out.rglob("*.png")) == sorted(expected)
+
+    rows = _read_csv(out / "scores.csv")
+    assert list(rows[0]) == ["path", "score"]
+    assert [row["path"] for row in rows] == [str(p) for p in [*folder_images, single]]
+    reference = CNCDetector.load(model_file).predict([str(p) for p in [*folder_images, single]])
+    scores = torch.tensor([float(row["score"]) for row in rows])
+    torch.testing.assert_close(scores, reference.pred_score, rtol=1e-6, atol=1e-6)
+    stdout = capsys.readouterr().out
+    assert f"scored {len(rows)} images" in stdout
+    assert "--vmin" in stdout
+
+
+def test_predict_with_a_threshold_adds_is_anomalous(
+    model_file: Path, data_root: Path, tmp_path: Path
+) -> None:
+    images = sorted((data_root / "carpet_like" / "test").rglob("*.png"))
+    scores = CNCDetector.load(model_file).predict([str(p) for p in images]).pred_score
+    threshold = float(scores.median())
+    out = tmp_path / "results"
+
+    argv = ["predict", str(model_file), *map(str, images), "--out", str(out)]
+    assert main([*argv, "--threshold", str(threshold), "--quiet"]) == 0
+
+    rows = _read_csv(out / "scores.csv")
+    assert list(rows[0]) == ["path", "score", "is_anomalous"]
+    flags = [row["is_anomalous"] for row in rows]
+    assert flags == ["true" if float(s) >= threshold else "false" for s in scores]
+    assert "true" in flags and "false" in flags
+
+
+def test_predict_fixed_colour_scale_and_clashing_names(
+    model_file: Path, data_root: Path, tmp_path: Path
+) -> None:
+    first = data_root / "carpet_like" / "test" / "good" / "000.png"
+    second = data_root / "bolt_like" / "test" / "good" / "000.png"
+    out = tmp_path / "results"
+    argv = ["predict", str(model_file), str(first), str(second), "--out", str(out), "--quiet"]
+
+    # Every map value lies below --vmin: the whole heatmap takes the coldest colour, and
+    # with --alpha 1 the overlay is that colour alone.
+    assert main([*argv, "--vmin", "1000", "--vmax", "1001", "--alpha", "1"]) == 0
+
+    for name in ("000.png", "000-2.png"):
+        pixels = np.asarray(Image.open(out / name))
+        assert (pixels == np.array([0, 0, 96], dtype=np.uint8)).all()
+    assert len(_read_csv(out / "scores.csv")) == 2
+
+
+# -------------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_prints_the_table_and_writes_json(
+    model_file: Path, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "reports" / "eval.json"
+
+    status = main(["evaluate", str(model_file), str(data_root), "--json", str(target), "--quiet"])
+
+    assert status == 0
+    stdout = capsys.readouterr().out
+    header = next(line for line in stdout.splitlines() if line.startswith("Category"))
+    assert all(metric in header for metric in METRIC_NAMES)
+    assert any(line.startswith("Mean") for line in stdout.splitlines())
+    for category in CATEGORIES:
+        assert any(line.startswith(category) for line in stdout.splitlines())
+
+    report = json.loads(target.read_text(encoding="utf-8"))
+    assert set(report) == {"model", "data", "per_category", "mean"}
+    assert report["model"] == str(model_file)
+    assert set(report["per_category"]) == set(CATEGORIES)
+    for row in [*report["per_category"].values(), report["mean"]]:
+        assert set(row) == {*METRIC_NAMES, "n_images"}
+        assert all(row[m] is None or 0.0 <= row[m] <= 1.0 for m in METRIC_NAMES)
+    assert report["per_category"]["bolt_like"]["n_images"] == 5
+    assert report["mean"]["n_images"] == 10
+
+
+# -------------------------------------------------------------------------------- demo
+
+
+def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["demo", "--out", str(tmp_path), "--epochs", "1", "--image-size", "28"]
+    argv += ["--data-size", "32", "--train-images", "2", "--heatmaps", "1", "--device", "cpu"]
+
+    assert main([*argv, "--quiet"]) == 0
+
+    assert (tmp_path / "model.cnc").is_file()
+    assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 2
+    assert "Mean" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("command", ["fit", "predict", "evaluate", "demo"])
+def test_every_command_has_a_description_and_examples(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"usage: cncad {command}" in text
+    assert "examples:" in text
+    assert f"cncad {command} " in text.split("examples:")[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["fit", "data", "--epochs", "-1"], "--epochs: must be at least 0"),
+        (["predict", "m.cnc", "a.png", "--alpha", "1.5"], "--alpha: must be between 0 and 1"),
+        (["evaluate", "m.cnc"], "the following arguments are required: DATA"),
+        (["train", "data"], "invalid choice: 'train'"),
+    ],
+)
+def test_a_malformed_command_line_exits_with_status_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_predict_rejects_an_empty_colour_scale(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["predict", str(tmp_path / "m.cnc"), str(tmp_path), "--vmin", "2", "--vmax", "1"]
+    _assert_one_line_error(capsys, main(argv), "--vmin (2) must be below --vmax (1)")
+
+
+# -------------------------------------------------------------------------------- errors
+
+
+def test_fit_on_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no_such_data"
+    status = main(["fit", str(missing), "--out", str(tmp_path / "m.cnc"), *TINY])
+    _assert_one_line_error(capsys, status, str(missing), "not found")
+
+
+def test_fit_on_a_folder_without_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty"
+    (empty / "notes").mkdir(parents=True)
+    (empty / "notes" / "readme.txt").write_text("no pictures here")
+    status = main(["fit", str(empty), "--out", str(tmp_path / "m.cnc"), *TINY])
+    _assert_one_line_error(capsys, status, str(empty), "no image files")
+    assert not (tmp_path / "m.cnc").exists()
+
+
+def test_fit_refuses_the_test_split_of_a_category(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    split = data_root / "carpet_like" / "test"
+    status = main(["fit", str(split), "--out", str(tmp_path / "m.cnc"), *TINY])
+    _assert_one_line_error(capsys, status, str(split), "MVTec-style")
+
+
+@pytest.mark.parametrize(("workers", "quiet"), [("0", False), ("1", True)])
+def test_fit_on_a_corrupt_image(
+    data_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    workers: str,
+    quiet: bool,
+) -> None:
+    # Read in a DataLoader worker, the error arrives with the worker's traceback in its
+    # message; without --quiet, progress bars are open when it is raised.
+    plain = tmp_path / "accepted"
+    shutil.copytree(data_root / "carpet_like" / "train" / "good", plain)
+    corrupt = plain / "001.png"
+    corrupt.write_bytes(b"not a png at all")
+    argv = ["fit", str(plain), "--out", str(tmp_path / "m.cnc"), "--num-workers", workers]
+    options = TINY if quiet else [option for option in TINY if option != "--quiet"]
+    status = main([*argv, *options])
+    _assert_one_line_error(capsys, status, str(corrupt), "cannot read image file")
+
+
+def test_predict_on_a_corrupt_image(
+    model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    status = main(["predict", str(model_file), str(corrupt), "--out", str(tmp_path / "o")])
+    _assert_one_line_error(capsys, status, str(corrupt), "cannot read image file")
+
+
+def test_predict_on_a_missing_image(
+    model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "gone.png"
+    status = main(["predict", str(model_file), str(missing), "--out", str(tmp_path / "o")])
+    _assert_one_line_error(capsys, status, str(missing), "not found")
+
+
+def test_predict_on_a_folder_without_images(
+    model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    status = main(["predict", str(model_file), str(empty), "--out", str(tmp_path / "o")])
+    _assert_one_line_error(capsys, status, str(empty), "no image files")
+
+
+def test_a_file_that_is_not_a_model(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = data_root / "carpet_like" / "test" / "good" / "000.png"
+    for content in (b"hello", b"", torch.zeros(3).numpy().tobytes()):
+        fake = tmp_path / "fake.cnc"
+        fake.write_bytes(content)
+        status = main(["predict", str(fake), str(image), "--out", str(tmp_path / "o")])
+        _assert_one_line_error(capsys, status, str(fake), "not a cncad detector file")
+    torch.save({"weights": torch.zeros(2)}, fake)
+    status = main(["evaluate", str(fake), str(data_root)])
+    _assert_one_line_error(capsys, status, str(fake), "not a cncad detector file")
+
+
+def test_a_model_file_from_another_version(
+    model_file: Path, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    payload = torch.load(model_file, weights_only=True)
+    payload.update(format_version=99, cncad_version="9.0.0")
+    future = tmp_path / "future.cnc"
+    torch.save(payload, future)
+    status = main(["evaluate", str(future), str(data_root)])
+    line = _assert_one_line_error(capsys, status, str(future), "format version 99")
+    assert "9.0.0" in line
+
+
+def test_a_missing_model_file(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nothing.cnc"
+    status = main(["evaluate", str(missing), str(data_root)])
+    _assert_one_line_error(capsys, status, str(missing), "not found")
+
+
+@pytest.mark.parametrize("layout", ["missing", "plain"])
+def test_evaluate_needs_an_mvtec_test_split(
+    model_file: Path,
+    data_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    layout: str,
+) -> None:
+    folder = tmp_path / "parts"
+    if layout == "plain":
+        shutil.copytree(data_root / "carpet_like" / "train" / "good", folder)
+    status = main(["evaluate", str(model_file), str(folder)])
+    expected = "not found" if layout == "missing" else "not an anomaly detection dataset"
+    _assert_one_line_error(capsys, status, str(folder), expected)
+
+
+def test_debug_shows_the_original_exception(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no_such_data"):
+        main(["fit", str(tmp_path / "no_such_data"), "--debug", *TINY])
