@@ -73,6 +73,17 @@ class CNCDetector:
             Such encoders serve the visual-only model, so they need ``use_cnc=False``.
         **overrides: Fields of :class:`CNCConfig` to change, e.g. ``epochs=10``.
 
+    Attributes:
+        model: The :class:`cncad.CNCModel`.
+        threshold: Image score from which :meth:`predict` labels an image anomalous, or
+            None.
+        pixel_threshold: Map value from which a pixel is anomalous (default: ``threshold``).
+        epochs_trained: Epochs run so far over all :meth:`fit` calls.
+        history: One dict per epoch: ``epoch``, the mean loss terms, and ``seconds`` (wall
+            time of the epoch, without filling the feature cache).
+        cache_stats: After a :meth:`fit` with the feature cache: ``images``,
+            ``bytes_per_image``, ``in_memory`` and ``build_seconds``; else None.
+
     Raises:
         ValueError: ``use_cnc=True`` with an encoder that has no text tower, or
             ``backbone="custom"`` without the object.

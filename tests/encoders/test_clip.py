@@ -75,6 +75,27 @@ def test_text_tower_reproduces_encode_text():
     assert torch.allclose(out, model.encode_text(ids), atol=1e-5)
 
 
+def test_text_tower_skips_positions_after_the_last_end_of_text_exactly():
+    model, tokenizer = load_clip("tiny")
+    text = CLIPEncoder(model, image_size=56).text
+    ids = tokenizer(["a photo of a damaged object", "object"])
+    embeddings = text.embed(ids).requires_grad_(True)
+    lengths = []
+    hook = text.transformer.register_forward_pre_hook(
+        lambda module, args: lengths.append(args[0].shape[1])
+    )
+    short = text(embeddings, ids)
+    (grad_short,) = torch.autograd.grad(short.sum(), embeddings)
+    text.truncate_after_eos = False
+    full = text(embeddings, ids)
+    (grad_full,) = torch.autograd.grad(full.sum(), embeddings)
+    hook.remove()
+    assert lengths == [int(ids.argmax(dim=-1).max()) + 1, ids.shape[1]]
+    assert lengths[0] < lengths[1]
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_short, grad_full, rtol=1e-4, atol=1e-4)  # fp32 sums
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="multiple of the patch size"):
         CLIPEncoder(build_tiny_clip(), image_size=50)
