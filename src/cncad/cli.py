@@ -127,8 +127,8 @@ def _training_data(root: Path, image_size: int) -> tuple[Dataset, str]:
     """The training dataset for ``cncad fit DATA`` and a one-line description of it.
 
     ``DATA`` is read as an MVTec-style tree when it, or one of its immediate subfolders,
-    holds a ``train/`` or ``test/`` folder (:func:`cncad.data.find_categories`); then the
-    normal images of every category's ``train/good`` are used. Otherwise it is a plain
+    holds a ``train/`` or ``test/`` folder ([`find_categories`][cncad.data.folder.find_categories]);
+    then the normal images of every category's ``train/good`` are used. Otherwise it is a plain
     folder: every image file under it, searched recursively, is a normal image.
     """
     _existing_dir(root, "data folder")

@@ -41,8 +41,8 @@ class CNCConfig:
             (and after ``pretrained``), for any backbone; ``None`` for none.
         weights_remap: Name of the key-remapping hook applied to ``weights`` before
             loading (``"by_order"``, ``"strip_module"``, ``"strip_visual"`` or one
-            registered with :func:`cncad.encoders.register_remap`); ``None`` when the
-            file uses the model's own key names.
+            registered with [`register_remap`][cncad.encoders.weights.register_remap]); ``None``
+            when the file uses the model's own key names.
         image_size: Side of the square network input. The paper uses 224 with the 336 px
             model, so the position embedding is resized to a 16x16 grid.
         layers: 1-based indices of the tapped vision blocks, shallow to deep. ``None``
@@ -230,7 +230,10 @@ class CNCConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CNCConfig:
-        """Build a config from :meth:`to_dict` output; unknown keys are an error."""
+        """Build a config from [`to_dict`][cncad.config.CNCConfig.to_dict] output.
+
+        Unknown keys are an error.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:

@@ -62,27 +62,28 @@ class CNCDetector:
     Args:
         config: Full configuration; defaults to the paper's settings.
         clip_model: An open_clip model object to use as the frozen backbone (the config's
-            ``backbone`` becomes ``"custom"``). A :class:`cncad.encoders.FrozenEncoder` or
-            a timm model given here is taken as ``encoder`` (so that
-            ``CNCDetector.load(path, clip_model=...)`` also restores custom encoders).
+            ``backbone`` becomes ``"custom"``). A
+            [`FrozenEncoder`][cncad.encoders.base.FrozenEncoder] or a timm model given here is taken
+            as ``encoder`` (so that ``CNCDetector.load(path, clip_model=...)`` also restores custom
+            encoders).
         tokenizer: The tokenizer of ``clip_model`` (default: the CLIP BPE tokenizer).
         encoder: A frozen encoder object without a text tower, e.g.
             ``TimmEncoder(timm_model, image_size=...)`` or a timm model (wrapped with the
             config's ``image_size``, ``layers`` and ``num_taps``); the backbone becomes
             ``"custom"``. Named timm models need no object: ``backbone="timm/<name>"``.
             Such encoders serve the visual-only model, so they need ``use_cnc=False``.
-        **overrides: Fields of :class:`CNCConfig` to change, e.g. ``epochs=10``.
+        **overrides: Fields of [`CNCConfig`][cncad.config.CNCConfig] to change, e.g. ``epochs=10``.
 
     Attributes:
-        model: The :class:`cncad.CNCModel`.
-        threshold: Image score from which :meth:`predict` labels an image anomalous, or
-            None.
+        model: The [`CNCModel`][cncad.model.CNCModel].
+        threshold: Image score from which [`predict`][cncad.detector.CNCDetector.predict] labels an
+            image anomalous, or None.
         pixel_threshold: Map value from which a pixel is anomalous (default: ``threshold``).
-        epochs_trained: Epochs run so far over all :meth:`fit` calls.
+        epochs_trained: Epochs run so far over all [`fit`][cncad.detector.CNCDetector.fit] calls.
         history: One dict per epoch: ``epoch``, the mean loss terms, and ``seconds`` (wall
             time of the epoch, without filling the feature cache).
-        cache_stats: After a :meth:`fit` with the feature cache: ``images``,
-            ``bytes_per_image``, ``in_memory`` and ``build_seconds``; else None.
+        cache_stats: After a [`fit`][cncad.detector.CNCDetector.fit] with the feature cache:
+            ``images``, ``bytes_per_image``, ``in_memory`` and ``build_seconds``; else None.
 
     Raises:
         ValueError: ``use_cnc=True`` with an encoder that has no text tower, or
@@ -142,22 +143,23 @@ class CNCDetector:
         """Train the prompts, fusion, MoE and decoder on normal images.
 
         With ``cache=True`` (default) the frozen encoder runs once per image and every
-        epoch trains from the stored features (:class:`cncad.data.FeatureCache`); the
+        epoch trains from the stored features ([`FeatureCache`][cncad.data.cache.FeatureCache]); the
         training noise is still drawn fresh at every step, so only the storage rounding
         differs from ``cache=False``. Turn the cache off when ``data`` applies random
         augmentation, which the cache would freeze.
 
         Both paths visit the images in the same order for the same seed: a Dataset or
-        folder is shuffled by :func:`cncad.data.epoch_permutation` in batches of
-        ``config.batch_size``. A DataLoader you pass is used as it is without the cache;
+        folder is shuffled by [`epoch_permutation`][cncad.data.cache.epoch_permutation] in batches
+        of ``config.batch_size``. A DataLoader you pass is used as it is without the cache;
         with the cache it is read once, in its own order, and the epochs then follow
-        :func:`cncad.data.epoch_permutation` in batches of ``config.batch_size``.
+        [`epoch_permutation`][cncad.data.cache.epoch_permutation] in batches of
+        ``config.batch_size``.
 
         Args:
             data: A DataLoader or Dataset of preprocessed images (items/batches as produced
-                by :class:`cncad.data.AnomalyFolder`: dicts with ``"image"`` and optionally
-                ``"label"``; ``(image, label, ...)`` tuples; or image tensors), or an MVTec
-                layout folder: one category root or a root of several categories, all
+                by [`AnomalyFolder`][cncad.data.folder.AnomalyFolder]: dicts with ``"image"`` and
+                optionally ``"label"``; ``(image, label, ...)`` tuples; or image tensors), or an
+                MVTec layout folder: one category root or a root of several categories, all
                 trained together. Only normal images (label 0) are used.
             epochs: Epochs to run now (default ``config.epochs``). A second call continues
                 training; the epoch count used by eq. 11 carries on.
@@ -359,8 +361,8 @@ class CNCDetector:
             batch_size: Images per forward pass (default ``config.batch_size``).
 
         Returns:
-            :class:`Prediction` on the CPU. Maps are computed at the model resolution
-            (``image_size``, where ``sigma`` applies) and resized bilinearly to each
+            [`Prediction`][cncad.detector.Prediction] on the CPU. Maps are computed at the model
+            resolution (``image_size``, where ``sigma`` applies) and resized bilinearly to each
             input's own size; the image score is taken before that resize.
         """
         self.model.eval()
@@ -410,7 +412,7 @@ class CNCDetector:
 
         Returns:
             ``{"per_category": {name: {metric: value, "n_images": n}}, "mean": {...}}``
-            (see :class:`cncad.evaluation.AnomalyEvaluator`).
+            (see [`AnomalyEvaluator`][cncad.evaluation.AnomalyEvaluator]).
         """
         cfg = self.config
         if isinstance(data, (str, os.PathLike)):
@@ -480,13 +482,13 @@ class CNCDetector:
         tokenizer: Any = None,
         **overrides: Any,
     ) -> CNCDetector:
-        """Load a detector written by :meth:`save`.
+        """Load a detector written by [`save`][cncad.detector.CNCDetector.save].
 
         The frozen backbone is rebuilt from the saved configuration (or taken from
         ``clip_model`` for detectors trained on a custom model object).
 
         Args:
-            path: A file written by :meth:`save`.
+            path: A file written by [`save`][cncad.detector.CNCDetector.save].
             clip_model: The backbone object, required when the detector was built with one.
             tokenizer: Its tokenizer.
             **overrides: Config fields to change on load that do not affect the weights,

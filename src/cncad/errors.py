@@ -1,12 +1,12 @@
 """Exceptions that cncad raises for problems with the user's files, not with the code.
 
-They all derive from :class:`CNCADError`, and each also derives from the built-in
-exception that was raised at the same place before it existed (``ValueError``), so
+They all derive from [`CNCADError`][cncad.errors.CNCADError], and each also derives from the
+built-in exception that was raised at the same place before it existed (``ValueError``), so
 ``except ValueError`` keeps working. The command line turns them into one-line messages.
 
 The exception for an image file that cannot be decoded,
-:class:`cncad.data.ImageReadError`, lives with the image decoding code and also derives
-from :class:`CNCADError`.
+[`ImageReadError`][cncad.data.transforms.ImageReadError], lives with the image decoding code and
+also derives from [`CNCADError`][cncad.errors.CNCADError].
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ class DatasetError(CNCADError, ValueError):
 
 
 class ModelFileError(CNCADError, ValueError):
-    """A file is not a detector written by :meth:`cncad.CNCDetector.save`, or is damaged."""
+    """A file is not a detector file, or is damaged.
+
+    Detector files are written by [`CNCDetector.save`][cncad.detector.CNCDetector.save].
+    """
 
 
 class ModelVersionError(ModelFileError):

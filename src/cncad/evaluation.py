@@ -1,13 +1,14 @@
 """Batch-wise accumulation of a test set and the per-category metric table.
 
-:class:`AnomalyEvaluator` keeps, per category, the image scores and labels and the
-anomaly maps and masks at the evaluation resolution chosen by the caller (256 x 256 in
-the usual protocol: 0.25 MiB per image as float32, half that as float16), then computes
-the seven metrics of :mod:`cncad.metrics` per category and their mean over categories,
+[`AnomalyEvaluator`][cncad.evaluation.AnomalyEvaluator] keeps, per category, the image scores and
+labels and the anomaly maps and masks at the evaluation resolution chosen by the caller (256 x 256
+in the usual protocol: 0.25 MiB per image as float32, half that as float16), then computes
+the seven metrics of [`cncad.metrics`][cncad.metrics] per category and their mean over categories,
 the "Mean" row of the paper's tables.
 
 A metric that is undefined for a category (a single class present) is reported as NaN
-and left out of the mean; see :meth:`AnomalyEvaluator.compute`.
+and left out of the mean; see
+[`AnomalyEvaluator.compute`][cncad.evaluation.AnomalyEvaluator.compute].
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class AnomalyEvaluator:
     Args:
         aupro_fpr_limit: FPR limit of the AUPRO integral, in (0, 1].
         aupro_num_thresholds: None for the exact AUPRO, or the number of evenly spaced
-            thresholds of the RD4AD-style approximation (see :func:`cncad.metrics.aupro`).
+            thresholds of the RD4AD-style approximation (see [`aupro`][cncad.metrics.aupro]).
         map_dtype: ``np.float32`` or ``np.float16``, the storage type of the maps.
 
     Example:
@@ -216,8 +217,8 @@ class AnomalyEvaluator:
         Returns:
             ``{"per_category": {category: {metric: float, ..., "n_images": int}},
             "mean": {metric: float, ..., "n_images": int}}`` with the metrics named by
-            :data:`METRIC_NAMES`, as fractions in [0, 1], categories in order of first
-            appearance and ``"mean"["n_images"]`` the total number of images.
+            [`METRIC_NAMES`][cncad.evaluation.METRIC_NAMES], as fractions in [0, 1], categories in
+            order of first appearance and ``"mean"["n_images"]`` the total number of images.
 
         Raises:
             ValueError: If nothing was accumulated.
@@ -258,13 +259,17 @@ class AnomalyEvaluator:
 
 
 def format_table(results: Mapping[str, Any], metrics: Sequence[str] = METRIC_NAMES) -> str:
-    """Render :meth:`AnomalyEvaluator.compute` results as a plain-text table.
+    """Render evaluation results as a plain-text table.
+
+    The results are those of
+    [`AnomalyEvaluator.compute`][cncad.evaluation.AnomalyEvaluator.compute].
 
     One row per category plus a final "Mean" row; metrics in percent with one decimal
     (as in the paper's tables), undefined (NaN) values as ``-``.
 
     Args:
-        results: The dict returned by :meth:`AnomalyEvaluator.compute`.
+        results: The dict returned by
+            [`AnomalyEvaluator.compute`][cncad.evaluation.AnomalyEvaluator.compute].
         metrics: Metric columns to show, in order.
 
     Returns:

@@ -1,6 +1,7 @@
 """The training objective of CNC (eqs. 4, 9, 10, 11, 16).
 
-The MoE term (eq. 15) lives with the router, in :func:`cncad.modules.moe.importance_loss`.
+The MoE term (eq. 15) lives with the router, in
+[`importance_loss`][cncad.modules.moe.importance_loss].
 """
 
 from __future__ import annotations

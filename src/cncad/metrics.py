@@ -14,19 +14,19 @@ one sort of the scores (no threshold grid, no binning):
 
 Ties are handled exactly: a threshold ``t`` predicts "anomalous" for every score ``>= t``
 and the curves are evaluated at every distinct score, so pixels or images with equal
-scores always move together. AUROC and AP agree with :func:`sklearn.metrics.roc_auc_score`
-and :func:`sklearn.metrics.average_precision_score`; F1max is the maximum of
+scores always move together. AUROC and AP agree with `sklearn.metrics.roc_auc_score`
+and `sklearn.metrics.average_precision_score`; F1max is the maximum of
 ``2 * precision * recall / (precision + recall)`` over all thresholds.
 
 ``aupro(..., num_thresholds=200)`` instead reproduces the 200-threshold protocol of the
-RD4AD evaluation code used by many published tables (see :func:`aupro`), so that numbers
-can be compared with papers. ``docs/metrics.md`` details every definition and how it
+RD4AD evaluation code used by many published tables (see [`aupro`][cncad.metrics.aupro]), so that
+numbers can be compared with papers. ``docs/metrics.md`` details every definition and how it
 differs from other public implementations.
 
 Inputs may be NumPy arrays or PyTorch tensors on any device. Half-precision inputs are
 widened to float32 (exactly); float32 and float64 are used as given, never rounded.
-For several pixel metrics of the same maps, :func:`pixel_metrics` computes all four
-for the price of one (the sort of all pixel scores dominates the cost).
+For several pixel metrics of the same maps, [`pixel_metrics`][cncad.metrics.pixel_metrics] computes
+all four for the price of one (the sort of all pixel scores dominates the cost).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # ground-truth regions: 8-connec
 
 
 class ImageMetrics(NamedTuple):
-    """Image-level metrics returned by :func:`image_metrics`.
+    """Image-level metrics returned by [`image_metrics`][cncad.metrics.image_metrics].
 
     Attributes:
         auroc: Area under the ROC curve (I-AUROC).
@@ -74,7 +74,7 @@ class ImageMetrics(NamedTuple):
 
 
 class PixelMetrics(NamedTuple):
-    """Pixel-level metrics returned by :func:`pixel_metrics`.
+    """Pixel-level metrics returned by [`pixel_metrics`][cncad.metrics.pixel_metrics].
 
     Attributes:
         auroc: Area under the ROC curve over all pixels (P-AUROC).
@@ -530,7 +530,7 @@ def image_metrics(scores: ArrayLike, labels: ArrayLike) -> ImageMetrics:
 def image_auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     """Image-level area under the ROC curve (I-AUROC).
 
-    Equal to :func:`sklearn.metrics.roc_auc_score`; tied scores count one half.
+    Equal to `sklearn.metrics.roc_auc_score`; tied scores count one half.
 
     Args:
         scores: ``(N,)`` image anomaly scores, higher meaning more anomalous.
@@ -540,7 +540,7 @@ def image_auroc(scores: ArrayLike, labels: ArrayLike) -> float:
         I-AUROC in [0, 1].
 
     Raises:
-        ValueError: See :func:`image_metrics`.
+        ValueError: See [`image_metrics`][cncad.metrics.image_metrics].
     """
     return _rank_images(*_image_inputs(scores, labels)).auroc()
 
@@ -549,7 +549,7 @@ def image_ap(scores: ArrayLike, labels: ArrayLike) -> float:
     """Image-level average precision (I-AP).
 
     ``sum_k (R_k - R_{k-1}) P_k`` over the distinct scores ``k`` in decreasing order,
-    as :func:`sklearn.metrics.average_precision_score` (no interpolation).
+    as `sklearn.metrics.average_precision_score` (no interpolation).
 
     Args:
         scores: ``(N,)`` image anomaly scores, higher meaning more anomalous.
@@ -559,7 +559,7 @@ def image_ap(scores: ArrayLike, labels: ArrayLike) -> float:
         I-AP in [0, 1].
 
     Raises:
-        ValueError: See :func:`image_metrics`.
+        ValueError: See [`image_metrics`][cncad.metrics.image_metrics].
     """
     return _rank_images(*_image_inputs(scores, labels)).ap()
 
@@ -578,7 +578,7 @@ def image_f1_max(scores: ArrayLike, labels: ArrayLike) -> float:
         I-F1max in [0, 1].
 
     Raises:
-        ValueError: See :func:`image_metrics`.
+        ValueError: See [`image_metrics`][cncad.metrics.image_metrics].
     """
     return _rank_images(*_image_inputs(scores, labels)).f1_max()
 
@@ -601,7 +601,7 @@ def pixel_metrics(
         masks: ``(N, H, W)`` ground truth; a pixel is anomalous where ``mask > 0``.
         aupro_fpr_limit: Upper FPR limit of the AUPRO integral, in (0, 1].
         aupro_num_thresholds: None for the exact AUPRO, or a number of evenly spaced
-            thresholds for the RD4AD-style approximation (see :func:`aupro`).
+            thresholds for the RD4AD-style approximation (see [`aupro`][cncad.metrics.aupro]).
 
     Returns:
         The four metrics, each a float in [0, 1].
@@ -625,7 +625,7 @@ def pixel_metrics(
 def pixel_auroc(maps: ArrayLike, masks: ArrayLike) -> float:
     """Pixel-level area under the ROC curve over all pixels of all images (P-AUROC).
 
-    Equal to :func:`sklearn.metrics.roc_auc_score` on the flattened pixels.
+    Equal to `sklearn.metrics.roc_auc_score` on the flattened pixels.
 
     Args:
         maps: ``(N, H, W)`` anomaly maps, higher meaning more anomalous.
@@ -635,7 +635,7 @@ def pixel_auroc(maps: ArrayLike, masks: ArrayLike) -> float:
         P-AUROC in [0, 1].
 
     Raises:
-        ValueError: See :func:`pixel_metrics`.
+        ValueError: See [`pixel_metrics`][cncad.metrics.pixel_metrics].
     """
     return _rank_pixels(*_pixel_inputs(maps, masks), with_regions=False).auroc()
 
@@ -643,7 +643,7 @@ def pixel_auroc(maps: ArrayLike, masks: ArrayLike) -> float:
 def pixel_ap(maps: ArrayLike, masks: ArrayLike) -> float:
     """Pixel-level average precision over all pixels of all images (P-AP).
 
-    Equal to :func:`sklearn.metrics.average_precision_score` on the flattened pixels.
+    Equal to `sklearn.metrics.average_precision_score` on the flattened pixels.
 
     Args:
         maps: ``(N, H, W)`` anomaly maps, higher meaning more anomalous.
@@ -653,7 +653,7 @@ def pixel_ap(maps: ArrayLike, masks: ArrayLike) -> float:
         P-AP in [0, 1].
 
     Raises:
-        ValueError: See :func:`pixel_metrics`.
+        ValueError: See [`pixel_metrics`][cncad.metrics.pixel_metrics].
     """
     return _rank_pixels(*_pixel_inputs(maps, masks), with_regions=False).ap()
 
@@ -671,7 +671,7 @@ def pixel_f1_max(maps: ArrayLike, masks: ArrayLike) -> float:
         P-F1max in [0, 1].
 
     Raises:
-        ValueError: See :func:`pixel_metrics`.
+        ValueError: See [`pixel_metrics`][cncad.metrics.pixel_metrics].
     """
     return _rank_pixels(*_pixel_inputs(maps, masks), with_regions=False).f1_max()
 
@@ -710,7 +710,7 @@ def aupro(
         AUPRO in [0, 1].
 
     Raises:
-        ValueError: See :func:`pixel_metrics`.
+        ValueError: See [`pixel_metrics`][cncad.metrics.pixel_metrics].
     """
     _check_aupro_options(fpr_limit, num_thresholds)
     maps_np, masks_np = _pixel_inputs(maps, masks)

@@ -47,7 +47,7 @@ __all__ = ["CNCModel", "CNCOutput"]
 
 
 class CNCOutput(NamedTuple):
-    """Everything one forward pass of :class:`CNCModel` produces.
+    """Everything one forward pass of [`CNCModel`][cncad.model.CNCModel] produces.
 
     Attributes:
         encoded: Per tapped layer, shallow to deep, the encoded patch tokens ``(B, L_i, C_i)``,
@@ -74,23 +74,23 @@ class CNCOutput(NamedTuple):
 
 
 class CNCModel(nn.Module):
-    """The CNC model as one ``nn.Module``, usable without :class:`cncad.CNCDetector`.
+    """The CNC model as one `nn.Module`, usable without [`CNCDetector`][cncad.detector.CNCDetector].
 
     Args:
         config: Model, loss and scoring settings (optimisation fields are not used here).
         clip_model: An open_clip model to use instead of loading ``config.backbone``.
         tokenizer: Its tokenizer (needed with ``clip_model`` when CNC is on; defaults to
             the standard CLIP BPE tokenizer).
-        encoder: A ready :class:`cncad.encoders.FrozenEncoder` (e.g. a
-            :class:`cncad.encoders.TimmEncoder`), or a timm model object to wrap in one,
-            used instead of ``config.backbone``. ``config.weights`` is not applied to it.
+        encoder: A ready [`FrozenEncoder`][cncad.encoders.base.FrozenEncoder] (e.g. a
+            [`TimmEncoder`][cncad.encoders.timm.TimmEncoder]), or a timm model object to wrap in
+            one, used instead of ``config.backbone``. ``config.weights`` is not applied to it.
 
     Raises:
         ValueError: ``config.use_cnc`` with an encoder that has no text tower.
 
     Shapes:
         forward: ``(B, 3, S, S)`` normalised images, ``S = config.image_size`` ->
-        :class:`CNCOutput`.
+        [`CNCOutput`][cncad.model.CNCOutput].
     """
 
     frozen_prefixes = ("encoder.", "prompt_learner.text_tower.")
@@ -181,7 +181,10 @@ class CNCModel(nn.Module):
         }
 
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load :meth:`trainable_state_dict` output; anything missing or extra is an error."""
+        """Load [`trainable_state_dict`][cncad.model.CNCModel.trainable_state_dict] output.
+
+        Anything missing or extra is an error.
+        """
         expected = set(self.trainable_state_dict())
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
@@ -203,13 +206,13 @@ class CNCModel(nn.Module):
         """The frozen encoder's tapped features of ``images`` (no gradient).
 
         They depend only on the images, so they can be computed once and cached across
-        epochs (see :class:`cncad.data.FeatureCache`).
+        epochs (see [`FeatureCache`][cncad.data.cache.FeatureCache]).
 
         Args:
             images: ``(B, 3, S, S)`` normalised images.
 
         Returns:
-            :class:`cncad.encoders.EncoderFeatures` of the tapped layers.
+            [`EncoderFeatures`][cncad.encoders.base.EncoderFeatures] of the tapped layers.
         """
         return self.encoder(images)
 
@@ -217,10 +220,10 @@ class CNCModel(nn.Module):
         """Everything after the frozen encoder: noise, fusion, MoE, decoder, CNC.
 
         Args:
-            features: Output of :meth:`encode` (possibly from a cache).
+            features: Output of [`encode`][cncad.model.CNCModel.encode] (possibly from a cache).
 
         Returns:
-            :class:`CNCOutput`.
+            [`CNCOutput`][cncad.model.CNCOutput].
         """
         grids, common = self.encoder.grids, self.common_grid
         patches = [
@@ -286,7 +289,7 @@ class CNCModel(nn.Module):
             epoch: The 0-based epoch, for the schedule of eq. 11.
 
         Returns:
-            :class:`cncad.losses.LossTerms`; switched-off components contribute zeros.
+            [`LossTerms`][cncad.losses.LossTerms]; switched-off components contribute zeros.
         """
         cfg = self.config
         distill = distillation_loss(output.encoded, output.decoded)
@@ -327,7 +330,7 @@ class CNCModel(nn.Module):
         """Anomaly maps and image scores from encoder features (e.g. cached ones).
 
         Args:
-            features: Output of :meth:`encode` for a batch of B images.
+            features: Output of [`encode`][cncad.model.CNCModel.encode] for a batch of B images.
 
         Returns:
             ``(maps, scores)``: ``(B, S, S)`` float32 maps and ``(B,)`` image scores.

@@ -5,11 +5,11 @@ Every RD-style model (CNC eq. 17, RD4AD, Dinomaly, ...) turns per-layer encoder 
 
     M = blur( sum_i upsample( 1 - cos(e_i, d_i) ) )
 
-The usual implementation calls :func:`torch.nn.functional.cosine_similarity` per layer
+The usual implementation calls `torch.nn.functional.cosine_similarity` per layer
 (which makes normalised copies of both feature tensors), upsamples every layer to the
 full output resolution, sums, then blurs with a 2-D kernel: several full-resolution
-temporaries per layer and many kernel launches. :func:`anomaly_map` computes the *same*
-map in plain PyTorch (no Triton, no ``torch.compile``; CPU, CUDA, MPS alike) with one
+temporaries per layer and many kernel launches. [`anomaly_map`][cncad.scoring.anomaly_map] computes
+the *same* map in plain PyTorch (no Triton, no ``torch.compile``; CPU, CUDA, MPS alike) with one
 streaming pass over the features and two small matrix products per distinct grid size.
 
 How it works (and why it is exact):
@@ -44,7 +44,7 @@ about 1e-6 relative; the tests check 1e-5 absolute):
   ``scale_factor``, whose ``recompute_scale_factor`` semantics differ). Both values of
   ``align_corners`` are exact: the interpolation matrices are obtained by running
   ``F.interpolate`` itself on an identity matrix (in float64).
-* The blur is the separable Gaussian of :func:`scipy.ndimage.gaussian_filter`: std
+* The blur is the separable Gaussian of `scipy.ndimage.gaussian_filter`: std
   ``sigma`` on both axes, 1-D kernel ``exp(-x^2 / (2 sigma^2))`` for
   ``|x| <= int(truncate * sigma + 0.5)``, normalised to sum 1, applied along H then W,
   at output resolution, with a border rule that depends only on indices: ``"reflect"``
@@ -59,12 +59,13 @@ about 1e-6 relative; the tests check 1e-5 absolute):
   (``torch.backends.cuda.matmul.allow_tf32`` / ``set_float32_matmul_precision`` below
   ``"highest"``, both off by default) the two small spatial products are rounded to
   TF32 (~1e-3 relative); the ``"gemm"`` cosine kernel is then not used by ``"auto"``.
-  Autocast is disabled inside :func:`anomaly_map` so it never lowers the precision.
+  Autocast is disabled inside [`anomaly_map`][cncad.scoring.anomaly_map] so it never lowers the
+  precision.
 
 Cache: the per-axis operators ``A`` are cached in a small LRU cache (64 entries) keyed by
 ``(in_size, out_size, sigma, truncate, align_corners, border, device, dtype)``
-(:func:`clear_operator_cache` empties it). They are pure constants: the cache never
-changes a result, it only avoids rebuilding the same matrices. The only other module
+([`clear_operator_cache`][cncad.scoring.clear_operator_cache] empties it). They are pure constants:
+the cache never changes a result, it only avoids rebuilding the same matrices. The only other module
 state is a memo of whether ``torch.bmm(..., out_dtype=)`` exists on CUDA, which selects
 between two exact ways of computing the same products.
 """
@@ -147,7 +148,7 @@ def gaussian_blur_matrix(
         n: Signal length (> 0).
         sigma: Standard deviation in samples (>= 0).
         truncate: Kernel radius in standard deviations (> 0).
-        border: Border rule, one of :data:`BORDER_MODES`.
+        border: Border rule, one of [`BORDER_MODES`][cncad.scoring.BORDER_MODES].
 
     Returns:
         Tensor of shape ``(n, n)``, dtype float64, on CPU.
@@ -178,7 +179,7 @@ def interpolation_matrix(in_size: int, out_size: int, *, align_corners: bool = F
     Args:
         in_size: Input length (> 0).
         out_size: Output length (> 0).
-        align_corners: As in :func:`torch.nn.functional.interpolate`.
+        align_corners: As in `torch.nn.functional.interpolate`.
 
     Returns:
         Tensor ``U`` of shape ``(out_size, in_size)``, float64 on CPU, such that the
@@ -221,9 +222,10 @@ def axis_operator(
 ) -> Tensor:
     """The cached ``(out_size, in_size)`` "bilinear upsample then Gaussian blur" operator.
 
-    ``A = G @ U`` with ``U`` from :func:`interpolation_matrix` and ``G`` from
-    :func:`gaussian_blur_matrix`, computed in float64 and rounded once to ``dtype``.
-    The returned tensor is shared by the cache: do not modify it in place.
+    ``A = G @ U`` with ``U`` from [`interpolation_matrix`][cncad.scoring.interpolation_matrix] and
+    ``G`` from [`gaussian_blur_matrix`][cncad.scoring.gaussian_blur_matrix], computed in float64 and
+    rounded once to ``dtype``. The returned tensor is shared by the cache: do not modify it in
+    place.
 
     Args:
         in_size: Grid length along the axis.
@@ -231,7 +233,7 @@ def axis_operator(
         sigma: Gaussian std in output pixels (0: no blur).
         truncate: Kernel radius in standard deviations.
         align_corners: Bilinear convention, as in ``F.interpolate``.
-        border: Blur border rule, one of :data:`BORDER_MODES`.
+        border: Blur border rule, one of [`BORDER_MODES`][cncad.scoring.BORDER_MODES].
         device: Device of the returned matrix.
         dtype: Dtype of the returned matrix.
 

@@ -58,7 +58,7 @@ def overlay(
         image: ``(H, W, 3)`` uint8 RGB image.
         amap: ``(H, W)`` anomaly map at the image's resolution.
         alpha: Weight of the heatmap.
-        vmin: Lower colour bound (see :func:`colorize`).
+        vmin: Lower colour bound (see [`colorize`][cncad.visualize.colorize]).
         vmax: Upper colour bound.
 
     Returns:

@@ -1,7 +1,8 @@
 """Data loading: image and mask decoding, preprocessing, datasets and synthetic data.
 
-The public names are re-exported here; see :mod:`cncad.data.transforms`,
-:mod:`cncad.data.folder`, :mod:`cncad.data.synthetic` and :mod:`cncad.data.cache` for details.
+The public names are re-exported here; see [`cncad.data.transforms`][cncad.data.transforms],
+[`cncad.data.folder`][cncad.data.folder], [`cncad.data.synthetic`][cncad.data.synthetic] and
+[`cncad.data.cache`][cncad.data.cache] for details.
 """
 
 from cncad.data.cache import FeatureCache, epoch_permutation

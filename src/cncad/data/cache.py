@@ -1,16 +1,16 @@
 """Frozen-feature cache: run the frozen encoder once per image, train from the cache.
 
 CNC's encoder is frozen, so its tapped features of a training image are the same in every
-epoch. :class:`FeatureCache` stores them once (float16 by default, in memory when they fit
-under a budget, otherwise in memory-mapped files) and serves shuffled batches back as
-float32, so an epoch costs only the trainable part of the model. The training noise of
+epoch. [`FeatureCache`][cncad.data.cache.FeatureCache] stores them once (float16 by default, in
+memory when they fit under a budget, otherwise in memory-mapped files) and serves shuffled batches
+back as float32, so an epoch costs only the trainable part of the model. The training noise of
 eq. 12's input path is added after the cache, so training is unchanged apart from the
 storage rounding (float16 keeps about three significant digits).
 
 The cache is generic over what the encoder returns: a ``NamedTuple`` whose fields are each
 ``None`` or a list of tensors with the batch dimension first (e.g.
-:class:`cncad.encoders.EncoderFeatures`). It must not be used with random augmentation,
-which would be frozen into the stored features.
+[`EncoderFeatures`][cncad.encoders.base.EncoderFeatures]). It must not be used with random
+augmentation, which would be frozen into the stored features.
 """
 
 from __future__ import annotations
@@ -91,14 +91,15 @@ def _unflatten(tensors: Sequence[Tensor], layout: _Layout) -> Any:
 class FeatureCache:
     """Encoder features of a set of images, stored once and served in batches.
 
-    Build it with :meth:`build`; iterate epochs with :meth:`batches`.
+    Build it with [`build`][cncad.data.cache.FeatureCache.build]; iterate epochs with
+    [`batches`][cncad.data.cache.FeatureCache.batches].
 
     Args:
         slots: One storage array per stored tensor, ``(N, ...)`` each: torch tensors in
             memory or NumPy memory maps.
         layout: How the stored tensors map back onto the encoder's output type.
         directory: The folder of the memory-mapped files (None when in memory); files
-            this cache created there are deleted by :meth:`close`.
+            this cache created there are deleted by [`close`][cncad.data.cache.FeatureCache.close].
     """
 
     def __init__(
@@ -129,7 +130,7 @@ class FeatureCache:
 
         Args:
             encode: The frozen encoder, ``(B, 3, S, S)`` images -> NamedTuple of tensor lists
-                (e.g. :meth:`cncad.CNCModel.encode`).
+                (e.g. [`CNCModel.encode`][cncad.model.CNCModel.encode]).
             batches: ``(B, 3, S, S)`` image batches, already on the encoder's device.
             max_images: An upper bound on the number of images, used to allocate the
                 storage up front and to choose memory or files. None (unknown) keeps the
@@ -250,7 +251,8 @@ class FeatureCache:
 
         Args:
             batch_size: Images per batch; the last batch may be smaller.
-            order: ``(N,)`` permutation of the image indices, e.g. :func:`epoch_permutation`.
+            order: ``(N,)`` permutation of the image indices, e.g.
+                [`epoch_permutation`][cncad.data.cache.epoch_permutation].
             device: Where to put the tensors.
 
         Yields:

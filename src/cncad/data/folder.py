@@ -1,7 +1,7 @@
 """Datasets over image folders: MVTec-style anomaly detection trees and plain image folders.
 
-:class:`AnomalyFolder` reads the layout shared by MVTec AD, MPDD, VisA (its MVTec-style
-``1cls`` copy) and BTAD::
+[`AnomalyFolder`][cncad.data.folder.AnomalyFolder] reads the layout shared by MVTec AD, MPDD, VisA
+(its MVTec-style ``1cls`` copy) and BTAD::
 
     <category>/train/good/*.png                     normal training images
     <category>/test/good/*.png                      normal test images
@@ -9,9 +9,9 @@
     <category>/ground_truth/<defect>/<stem>_mask.png
 
 ``ok`` is accepted as the name of the normal folders (BTAD), and masks may also be named
-``<stem>.<ext>`` with any image extension (VisA, BTAD). :class:`ImageFolderDataset` reads
-any folder or list of image files, for fitting on one's own normal images or predicting
-over a folder.
+``<stem>.<ext>`` with any image extension (VisA, BTAD).
+[`ImageFolderDataset`][cncad.data.folder.ImageFolderDataset] reads any folder or list of image
+files, for fitting on one's own normal images or predicting over a folder.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ _SPLITS = ("train", "test")
 
 @dataclass(frozen=True)
 class AnomalySample:
-    """One image of an :class:`AnomalyFolder`.
+    """One image of an [`AnomalyFolder`][cncad.data.folder.AnomalyFolder].
 
     Attributes:
         path: The image file.
@@ -161,22 +161,22 @@ class AnomalyFolder(Dataset):
     """Torch dataset over an MVTec-style anomaly detection folder.
 
     ``root`` is either one category folder or a folder of category folders; see
-    :func:`find_categories` for the rule. With ``split="train"`` only the normal images of
-    ``train/good`` (or ``train/ok``) are listed, since the detector fits on normal images
-    only. With ``split="test"`` every subfolder of ``test/`` is listed: ``good``/``ok`` as
-    normal (label 0), any other as a defect type (label 1) whose masks are looked up in
-    ``ground_truth/<defect>/`` as ``<stem>_mask.<ext>`` then ``<stem>.<ext>``, for ``ext``
-    in :data:`MASK_EXTENSIONS`, case-insensitively.
+    [`find_categories`][cncad.data.folder.find_categories] for the rule. With ``split="train"`` only
+    the normal images of ``train/good`` (or ``train/ok``) are listed, since the detector fits on
+    normal images only. With ``split="test"`` every subfolder of ``test/`` is listed:
+    ``good``/``ok`` as normal (label 0), any other as a defect type (label 1) whose masks are looked
+    up in ``ground_truth/<defect>/`` as ``<stem>_mask.<ext>`` then ``<stem>.<ext>``, for ``ext``
+    in [`MASK_EXTENSIONS`][cncad.data.folder.MASK_EXTENSIONS], case-insensitively.
 
     All files are listed and all masks located when the dataset is built, so a missing
     mask fails at once and not later inside a DataLoader worker. Images are then read
-    lazily in :meth:`__getitem__`. Samples are ordered by category, defect folder and file
+    lazily in `__getitem__`. Samples are ordered by category, defect folder and file
     name.
 
-    Each item is a dict that :func:`torch.utils.data.default_collate` batches:
+    Each item is a dict that `torch.utils.data.default_collate` batches:
 
     * ``"image"``: ``(3, S, S)`` float32, resized and CLIP-normalised by
-      :func:`~cncad.data.transforms.preprocess`, ``S = image_size``;
+      [`preprocess`][cncad.data.transforms.preprocess], ``S = image_size``;
     * ``"label"``: ``int``, 0 normal, 1 defective;
     * ``"mask"``: ``(1, M, M)`` float32 in ``{0, 1}``, ``M = mask_size or image_size``;
       all zeros for normal images; resized with nearest-neighbour sampling from the mask
@@ -196,13 +196,13 @@ class AnomalyFolder(Dataset):
         mask_size: Side ``M`` of the returned masks; defaults to ``image_size``.
         categories: Keep only these category names, or this one name (default: all found).
         mask_threshold: Mask pixels with 8-bit value ``> mask_threshold`` are defective;
-            see :func:`~cncad.data.transforms.load_mask`.
+            see [`load_mask`][cncad.data.transforms.load_mask].
 
     Attributes:
         root: The dataset root as given.
         split: The split.
         categories: Names of the categories included, sorted.
-        samples: One :class:`AnomalySample` per item, in item order.
+        samples: One [`AnomalySample`][cncad.data.folder.AnomalySample] per item, in item order.
 
     Raises:
         FileNotFoundError: If ``root`` does not exist, a category lacks the ``split``
@@ -210,7 +210,7 @@ class AnomalyFolder(Dataset):
             every path tried).
         ValueError: If the layout is not recognised, ``split`` is invalid, a requested
             category does not exist, or a category has no image in the split (the first
-            and the last as :class:`~cncad.errors.DatasetError`, a ``ValueError``).
+            and the last as [`DatasetError`][cncad.errors.DatasetError], a ``ValueError``).
 
     Example:
         >>> from torch.utils.data import DataLoader
@@ -330,9 +330,9 @@ class ImageFolderDataset(Dataset):
     Meant for fitting on one's own folder of normal images and for predicting over a
     folder. A directory is searched recursively (sorted by relative path, hidden files and
     folders skipped) unless ``recursive=False``; files are recognised by their extension
-    (:data:`~cncad.data.transforms.IMAGE_EXTENSIONS`, case-insensitive).
+    ([`IMAGE_EXTENSIONS`][cncad.data.transforms.IMAGE_EXTENSIONS], case-insensitive).
 
-    Each item is a dict that :func:`torch.utils.data.default_collate` batches:
+    Each item is a dict that `torch.utils.data.default_collate` batches:
 
     * ``"image"``: ``(3, S, S)`` float32, resized and CLIP-normalised, ``S = image_size``;
     * ``"path"``: ``str``;

@@ -247,8 +247,9 @@ def synthetic_sample(
     """Render one synthetic image and its ground-truth mask in memory.
 
     Args:
-        category: One of :data:`SYNTHETIC_CATEGORIES`.
-        defect: One of :data:`DEFECT_TYPES`, or ``None`` for a normal image.
+        category: One of [`SYNTHETIC_CATEGORIES`][cncad.data.synthetic.SYNTHETIC_CATEGORIES].
+        defect: One of [`DEFECT_TYPES`][cncad.data.synthetic.DEFECT_TYPES], or ``None`` for a normal
+            image.
         size: Side length in pixels (at least 16).
         rng: A numpy generator, an int seed, or ``None`` for fresh OS entropy. The same
             seed gives the same image.
@@ -325,14 +326,14 @@ def make_synthetic_dataset(
 
     Args:
         root: Output folder (created if needed); pass it to
-            :class:`~cncad.data.folder.AnomalyFolder`.
-        categories: Names from :data:`SYNTHETIC_CATEGORIES`.
+            [`AnomalyFolder`][cncad.data.folder.AnomalyFolder].
+        categories: Names from [`SYNTHETIC_CATEGORIES`][cncad.data.synthetic.SYNTHETIC_CATEGORIES].
         n_train: Normal training images per category.
         n_test_good: Normal test images per category.
         n_test_defect: Defective test images per category, over all defect kinds.
         image_size: Side length of the square images (at least 16).
         seed: Seed of the whole dataset.
-        defect_types: Defect kinds to use, from :data:`DEFECT_TYPES`.
+        defect_types: Defect kinds to use, from [`DEFECT_TYPES`][cncad.data.synthetic.DEFECT_TYPES].
         overwrite: Delete ``<root>/<category>`` first if it already exists. Without it an
             existing non-empty category folder raises ``FileExistsError``, so a dataset is
             never silently mixed with leftovers of a previous one.

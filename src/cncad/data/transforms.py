@@ -2,14 +2,15 @@
 
 Every image that reaches the model goes through the same two steps:
 
-1. :func:`to_image_tensor` (or :func:`load_image` for a file) turns whatever the user has
-   (a path, a PIL image, a numpy array, a tensor, a list of those) into RGB float tensors
-   of shape ``(3, H, W)`` with values in ``[0, 1]``, each at its own original size.
-2. :func:`preprocess` resizes a batch to the model's square input size (bilinear with
-   antialiasing) and applies the CLIP mean/std normalisation.
+1. [`to_image_tensor`][cncad.data.transforms.to_image_tensor] (or
+   [`load_image`][cncad.data.transforms.load_image] for a file) turns whatever the user has (a path,
+   a PIL image, a numpy array, a tensor, a list of those) into RGB float tensors of shape
+   ``(3, H, W)`` with values in ``[0, 1]``, each at its own original size.
+2. [`preprocess`][cncad.data.transforms.preprocess] resizes a batch to the model's square input size
+   (bilinear with antialiasing) and applies the CLIP mean/std normalisation.
 
-The datasets in :mod:`cncad.data.folder` and the detector both call these functions, so
-training and inference see identical pixels.
+The datasets in [`cncad.data.folder`][cncad.data.folder] and the detector both call these functions,
+so training and inference see identical pixels.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".
 """File extensions recognised as images (compared case-insensitively)."""
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
-"""One image in any form accepted by :func:`to_image_tensor`."""
+"""One image in any form accepted by [`to_image_tensor`][cncad.data.transforms.to_image_tensor]."""
 
 _UINT16_MAX = 65535
 
@@ -62,7 +63,10 @@ class ImageReadError(CNCADError, ValueError):
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` has one of :data:`IMAGE_EXTENSIONS` and is not a hidden file.
+    """Whether ``path`` names an image file and is not a hidden file.
+
+    Image file names end with one of
+    [`IMAGE_EXTENSIONS`][cncad.data.transforms.IMAGE_EXTENSIONS].
 
     Hidden files (names starting with ``.``) are excluded so that macOS ``._name.png``
     resource forks and similar clutter are never mistaken for images.
@@ -205,9 +209,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 def load_mask(path: str | os.PathLike, threshold: int = 0) -> np.ndarray:
     """Read a ground-truth mask file as a boolean array.
 
-    The mask is decoded to 8-bit values exactly as :func:`load_image` decodes images
-    (16-bit masks scaled by the 16-bit range, alpha composited over black); colour masks
-    are reduced by taking the maximum over the RGB channels, so an annotation drawn in any
+    The mask is decoded to 8-bit values exactly as [`load_image`][cncad.data.transforms.load_image]
+    decodes images (16-bit masks scaled by the 16-bit range, alpha composited over black); colour
+    masks are reduced by taking the maximum over the RGB channels, so an annotation drawn in any
     colour counts. A pixel is defective when its value is strictly greater than
     ``threshold``.
 
@@ -358,8 +362,8 @@ def to_image_tensor(images: ImageInput | Sequence[ImageInput]) -> list[Tensor]:
 
     Accepted inputs, alone or in a list/tuple (lists may mix kinds and sizes):
 
-    * a path (``str`` or :class:`os.PathLike`), read with :func:`load_image`;
-    * a PIL image of any mode (converted as in :func:`load_image`);
+    * a path (``str`` or `os.PathLike`), read with [`load_image`][cncad.data.transforms.load_image];
+    * a PIL image of any mode (converted as in [`load_image`][cncad.data.transforms.load_image]);
     * a numpy array, channels last: ``HxW``, ``HxWx1``, ``HxWx3``, ``HxWx4`` (alpha
       composited over black) or an ``NxHxWxC`` batch; dtype uint8, uint16 (scaled by the
       16-bit range) or float with values in ``[0, 1]``;
@@ -442,12 +446,12 @@ def preprocess(
 
     Resizing is bilinear with antialiasing and does not keep the aspect ratio (the whole
     image is squashed into ``size x size``, as is customary on MVTec AD); masks must be
-    resized the same way (see :func:`resize_mask`) to stay aligned.
+    resized the same way (see [`resize_mask`][cncad.data.transforms.resize_mask]) to stay aligned.
 
     Args:
         images: ``(B, 3, H, W)`` or ``(3, H, W)`` float tensor in ``[0, 1]``, or a sequence
             of ``(3, H_i, W_i)`` tensors of possibly different sizes (for example the
-            output of :func:`to_image_tensor`).
+            output of [`to_image_tensor`][cncad.data.transforms.to_image_tensor]).
         size: Output side length, or an ``(height, width)`` pair.
         mean: Per-channel mean subtracted after resizing.
         std: Per-channel standard deviation divided by after resizing.
@@ -484,7 +488,8 @@ def resize_mask(mask: Tensor | np.ndarray, size: int | tuple[int, int]) -> Tenso
     """Resize masks with nearest-neighbour sampling, keeping type and dtype.
 
     Uses torch's ``nearest-exact`` mode (pixel-centre aligned, as PIL's ``NEAREST``), so a
-    mask resized alongside its image with :func:`preprocess` stays aligned with it.
+    mask resized alongside its image with [`preprocess`][cncad.data.transforms.preprocess] stays
+    aligned with it.
 
     Args:
         mask: ``(H, W)`` or ``(..., H, W)`` (for example ``(B, H, W)`` or ``(B, 1, H, W)``)
@@ -520,7 +525,7 @@ def denormalize(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
 ) -> Tensor:
-    """Undo :func:`preprocess`'s normalisation for display.
+    """Undo [`preprocess`][cncad.data.transforms.preprocess]'s normalisation for display.
 
     Args:
         images: ``(B, 3, H, W)`` or ``(3, H, W)`` normalised float tensor.

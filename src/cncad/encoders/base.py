@@ -1,13 +1,14 @@
 """The frozen-encoder interface shared by the CLIP and timm encoders.
 
 An encoder turns ``(B, 3, S, S)`` images into the tapped features of N layers, shallow to
-deep, as an :class:`EncoderFeatures` (patch tokens in row-major grid order, plus class
-tokens when the encoder has them), and tells the rest of the model what it needs to know:
-the channel width and the grid of every tapped layer, whether there is a text tower (CNC
+deep, as an [`EncoderFeatures`][cncad.encoders.base.EncoderFeatures] (patch tokens in row-major grid
+order, plus class tokens when the encoder has them), and tells the rest of the model what it needs
+to know: the channel width and the grid of every tapped layer, whether there is a text tower (CNC
 needs one), and the attention head count when it is a transformer.
 
 Feature maps ``(B, C, h, w)`` of CNNs are flattened to tokens ``(B, h * w, C)`` by the
-encoder; :func:`tokens_to_map` and :func:`resample_tokens` go back and forth.
+encoder; [`tokens_to_map`][cncad.encoders.base.tokens_to_map] and
+[`resample_tokens`][cncad.encoders.base.resample_tokens] go back and forth.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class EncoderFeatures(NamedTuple):
             encoders without one (CNNs).
         patch_tokens: One ``(B, L_i, C_i)`` patch-token sequence per tapped layer,
             ``L_i = h_i * w_i`` in row-major order of the layer's grid
-            (:attr:`FrozenEncoder.grids`). Widths and grids may differ between layers.
+            ([`FrozenEncoder.grids`][cncad.encoders.base.FrozenEncoder.grids]). Widths and grids may
+            differ between layers.
     """
 
     class_tokens: list[Tensor] | None
@@ -44,12 +46,16 @@ class EncoderFeatures(NamedTuple):
 class FrozenEncoder(nn.Module, abc.ABC):
     """Base class of the frozen teachers: no gradients, always in eval mode.
 
-    Subclasses set ``self.image_size`` and ``self.layers`` and implement :meth:`forward`,
-    :attr:`widths` and :attr:`grids`; the other properties have defaults for a CNN.
+    Subclasses set ``self.image_size`` and ``self.layers`` and implement
+    [`forward`][cncad.encoders.base.FrozenEncoder.forward],
+    [`widths`][cncad.encoders.base.FrozenEncoder.widths] and
+    [`grids`][cncad.encoders.base.FrozenEncoder.grids]; the other properties have defaults for a
+    CNN.
 
     Shapes:
         forward: ``(B, 3, image_size, image_size)`` normalised images ->
-        :class:`EncoderFeatures` with ``(B, L_i, C_i)`` patch tokens.
+        [`EncoderFeatures`][cncad.encoders.base.EncoderFeatures] with ``(B, L_i, C_i)`` patch
+        tokens.
     """
 
     image_size: int
@@ -72,7 +78,7 @@ class FrozenEncoder(nn.Module, abc.ABC):
 
     @property
     def has_class_token(self) -> bool:
-        """Whether :meth:`forward` returns class tokens."""
+        """Whether [`forward`][cncad.encoders.base.FrozenEncoder.forward] returns class tokens."""
         return False
 
     @property

@@ -3,8 +3,8 @@
 The vision side runs open_clip's own ``VisionTransformer.forward_intermediates`` and keeps
 the class token and the patch tokens of each tapped block. The text side exposes the parts
 of the text transformer that prompt learning needs (token embeddings in, projected pooled
-features out), so that :class:`cncad.modules.PromptLearner` can overwrite token embeddings
-CoOp-style without copying open_clip's forward.
+features out), so that [`PromptLearner`][cncad.modules.prompt_learner.PromptLearner] can overwrite
+token embeddings CoOp-style without copying open_clip's forward.
 """
 
 from __future__ import annotations
@@ -163,7 +163,10 @@ class CLIPTextTower(nn.Module):
         )
         self.eos_id: int | None = getattr(owner, "text_eos_id", getattr(owner, "eos_id", None))
         self.truncate_after_eos = True
-        """Skip the positions after the last end-of-text token (exact; see :meth:`forward`)."""
+        """Skip the positions after the last end-of-text token.
+
+        Exact; see [`forward`][cncad.encoders.clip.CLIPTextTower.forward].
+        """
         self.requires_grad_(False)
 
     @property
@@ -226,13 +229,15 @@ class CLIPEncoder(FrozenEncoder):
             vision tower. It is frozen and kept in eval mode.
         image_size: Input side; when it differs from the model's, the position embedding
             is resized with open_clip's ``resize_pos_embed`` (bicubic, as when loading).
-        layers: 1-based indices of the tapped blocks; ``None`` for :func:`default_layers`.
+        layers: 1-based indices of the tapped blocks; ``None`` for
+            [`default_layers`][cncad.encoders.clip.default_layers].
         num_taps: Number of taps when ``layers`` is ``None``.
         with_text: Whether to keep the text tower (needed for prompt learning).
 
     Shapes:
         forward: ``(B, 3, image_size, image_size)`` normalised images ->
-        :class:`EncoderFeatures` with ``(B, C)`` class tokens and ``(B, L, C)`` patch tokens.
+        [`EncoderFeatures`][cncad.encoders.base.EncoderFeatures] with ``(B, C)`` class tokens and
+        ``(B, L, C)`` patch tokens.
     """
 
     def __init__(
@@ -271,12 +276,18 @@ class CLIPEncoder(FrozenEncoder):
 
     @property
     def widths(self) -> tuple[int, ...]:
-        """Channel width of each tapped layer (all equal to :attr:`width`)."""
+        """Channel width of each tapped layer.
+
+        All equal to [`width`][cncad.encoders.clip.CLIPEncoder.width].
+        """
         return (self.width,) * len(self.layers)
 
     @property
     def grids(self) -> tuple[tuple[int, int], ...]:
-        """Patch grid of each tapped layer (all equal to :attr:`grid_size`)."""
+        """Patch grid of each tapped layer.
+
+        All equal to [`grid_size`][cncad.encoders.clip.CLIPEncoder.grid_size].
+        """
         return (self.grid_size,) * len(self.layers)
 
     @property

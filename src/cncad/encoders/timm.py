@@ -94,23 +94,24 @@ class TimmEncoder(FrozenEncoder):
         image_size: Square input side. ViTs get their position embedding resized
             (timm's ``set_input_size``) when it differs from the model's.
         layers: 1-based indices into the model's ``feature_info`` (CNN pyramid levels or
-            ViT blocks), shallow to deep. ``None``: :func:`default_cnn_layers` for CNNs,
-            :func:`cncad.encoders.default_layers` for ViTs.
+            ViT blocks), shallow to deep. ``None``:
+            [`default_cnn_layers`][cncad.encoders.timm.default_cnn_layers] for CNNs,
+            [`default_layers`][cncad.encoders.clip.default_layers] for ViTs.
         num_taps: Number of taps when ``layers`` is ``None``.
         weights: Local checkpoint loaded into the full model before anything is pruned.
         remap: Key-remapping hook or registered name for ``weights`` (see
-            :mod:`cncad.encoders.weights`).
+            [`cncad.encoders.weights`][cncad.encoders.weights]).
         pretrained: timm pretrained tag when ``model`` is a name (needs the hub).
         input_mean: Per-channel mean the incoming images were normalised with (CLIP's,
-            as produced by :func:`cncad.data.preprocess`).
+            as produced by [`preprocess`][cncad.data.transforms.preprocess]).
         input_std: Their per-channel standard deviation.
         renormalize: Convert from ``input_mean``/``input_std`` to the model's own
             normalisation (``pretrained_cfg``, ImageNet's when absent) before the model.
 
     Shapes:
         forward: ``(B, 3, image_size, image_size)`` normalised images ->
-        :class:`EncoderFeatures` with ``(B, h_i * w_i, C_i)`` patch tokens; class tokens
-        ``(B, C)`` for ViTs with one, ``None`` for CNNs.
+        [`EncoderFeatures`][cncad.encoders.base.EncoderFeatures] with ``(B, h_i * w_i, C_i)`` patch
+        tokens; class tokens ``(B, C)`` for ViTs with one, ``None`` for CNNs.
     """
 
     def __init__(

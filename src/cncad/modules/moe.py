@@ -12,12 +12,12 @@ __all__ = ["GatedMoE", "MoEOutput", "importance_loss"]
 
 
 class MoEOutput(NamedTuple):
-    """Result of :class:`GatedMoE`.
+    """Result of [`GatedMoE`][cncad.modules.moe.GatedMoE].
 
     Attributes:
         output: ``(..., C)`` the combined expert outputs z* (eq. 14).
         gates: ``(R, T)`` the router's full softmax distribution G(z_r) for every one of the
-            R tokens (the input for :func:`importance_loss`).
+            R tokens (the input for [`importance_loss`][cncad.modules.moe.importance_loss]).
         expert_indices: ``(R, K)`` the experts chosen for each token, best first.
     """
 
@@ -69,7 +69,8 @@ class GatedMoE(nn.Module):
         renormalize: Renormalise the selected gate values.
 
     Shapes:
-        forward: ``(..., C)`` -> :class:`MoEOutput` with ``output (..., C)``.
+        forward: ``(..., C)`` -> [`MoEOutput`][cncad.modules.moe.MoEOutput] with
+        ``output (..., C)``.
     """
 
     def __init__(

@@ -56,7 +56,8 @@ class FeatureNormalityPromotion(nn.Module):
             sample's whole ``(L, C)`` map.
         mode: ``"broadcast"``: ``f* = f + λΨ`` on every channel; ``"direction"``:
             ``f* = f + λΨ f`` (λΨ along the unit direction of f when ``norm="token"``).
-        cosine: Whether α and β use cosine similarity (see :func:`normality_coefficient`).
+        cosine: Whether α and β use cosine similarity (see
+            [`normality_coefficient`][cncad.modules.normality_promotion.normality_coefficient]).
         eps: Guards the norm against zero.
 
     Shapes:
