@@ -9,41 +9,24 @@ these tiny models.
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from _subprocess import run_checked
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 EXAMPLE_TIMEOUT_S = 60
 
 
-def _single_thread_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env.setdefault("MPLBACKEND", "Agg")
-    return env
-
-
 def _run_script(name: str, *args: str, cwd: Path) -> str:
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args],
-        cwd=cwd,
-        env=_single_thread_env(),
-        capture_output=True,
-        text=True,
-        timeout=EXAMPLE_TIMEOUT_S,
-        check=False,
+    return run_checked(
+        [sys.executable, str(EXAMPLES / name), *args], cwd=cwd, timeout=EXAMPLE_TIMEOUT_S
     )
-    elapsed = time.perf_counter() - start
-    assert done.returncode == 0, f"{name} failed after {elapsed:.1f} s:\n{done.stderr[-4000:]}"
-    return done.stdout
 
 
 def _number_after(label: str, text: str) -> float:

@@ -19,12 +19,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
+
+from _subprocess import run_checked
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -45,12 +45,6 @@ def shell_commands(path: Path) -> list[str]:
     return commands
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"  # see tests/test_examples.py
-    return env
-
-
 def test_readme_has_the_expected_blocks() -> None:
     assert len(code_blocks(README, "python")) == 1
     assert shell_commands(README) == ['pip install -e ".[dev]"', "cncad demo", "python -m pytest"]
@@ -62,17 +56,7 @@ def test_readme_python_snippet_runs(tmp_path: Path) -> None:
     epilogue = "\nprint('loaded', type(detector).__name__, detector.epochs_trained)\n"
     script = tmp_path / "readme_snippet.py"
     script.write_text(snippet + epilogue)
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    printed = done.stdout
+    printed = run_checked([sys.executable, str(script)], cwd=tmp_path, timeout=120)
     metrics = ("'I-AUROC'", "'P-AUROC'", "'AUPRO'", "'I-AP'", "'P-AP'", "'I-F1max'", "'P-F1max'")
     assert all(name in printed for name in metrics), printed  # the mean metrics dict
     assert re.search(r"^tensor\(\[\d+\.\d+\]\) torch\.Size\(\[1, 64, 64\]\)$", printed, re.M)
@@ -106,38 +90,24 @@ def test_cncad_demo_runs_small(tmp_path: Path) -> None:
     assert "cncad demo" in shell_commands(README)
     out = tmp_path / "demo"
     small = ["--epochs", "2", "--train-images", "8", "--image-size", "56", "--data-size", "64"]
-    done = subprocess.run(
+    stdout = run_checked(
         [*_cncad_command(), "demo", "--out", str(out), *small, "--heatmaps", "1", "--quiet"],
         cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
         timeout=120,
-        check=False,
     )
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert re.search(r"^Mean(\s+[0-9.]+){7}\s+24$", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"^Mean(\s+[0-9.]+){7}\s+24$", stdout, re.MULTILINE), stdout
     assert (out / "model.cnc").is_file()
     panels = sorted(p.name for p in (out / "heatmaps").glob("*.png"))
     assert len(panels) == 2  # one defective image and one normal image
-    assert "training loss: first epoch" in done.stdout
+    assert "training loss: first epoch" in stdout
 
 
 def test_pytest_command_collects_the_suite() -> None:
     assert "python -m pytest" in shell_commands(README)
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    count = re.search(r"^(\d+) tests? collected", done.stdout, re.MULTILINE)
-    assert count and int(count.group(1)) > 50, done.stdout[-2000:]
-    assert "tests/test_readme.py::test_pytest_command_collects_the_suite" in done.stdout
+    stdout = run_checked([sys.executable, "-m", "pytest", "--collect-only", "-q"], ROOT, 300)
+    count = re.search(r"^(\d+) tests? collected", stdout, re.MULTILINE)
+    assert count and int(count.group(1)) > 50, stdout[-2000:]
+    assert "tests/test_readme.py::test_pytest_command_collects_the_suite" in stdout
 
 
 def test_readme_links_and_images_exist() -> None:

@@ -165,6 +165,14 @@ def _load_detector(path: str, **overrides: Any) -> Any:
     return detector
 
 
+def _print_training_loss(history: list[dict[str, float]]) -> None:
+    if history:
+        print(
+            f"training loss: first epoch {history[0]['total']:.4f}, "
+            f"last epoch {history[-1]['total']:.4f}"
+        )
+
+
 def _one_line(error: BaseException) -> str:
     """A one-line message for ``error``.
 
@@ -225,11 +233,7 @@ def _fit(args: argparse.Namespace) -> int:
             f"{stats['bytes_per_image'] / 2**10:.0f} KiB each, in {where}, "
             f"filled in {stats['build_seconds']:.1f} s"
         )
-    if detector.history:
-        print(
-            f"training loss: first epoch {detector.history[0]['total']:.4f}, "
-            f"last epoch {detector.history[-1]['total']:.4f}"
-        )
+    _print_training_loss(detector.history)
     path = detector.save(out)
     print(f"saved the trained detector to {path} ({time.perf_counter() - start:.1f} s)")
     return 0
@@ -272,15 +276,18 @@ def _image_list(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
 
 
 def _write_overlay(
-    path: Path, image_file: Path, amap: np.ndarray, alpha: float, vmin: float, vmax: float
+    path: Path, image: Any, amap: np.ndarray, alpha: float, vmin: float, vmax: float
 ) -> None:
+    """Save the heatmap overlay of ``amap`` ``(H, W)`` on ``image`` (PIL image or file)."""
     from PIL import Image
 
     from cncad.visualize import overlay
 
-    image = np.asarray(load_image(image_file))
+    if isinstance(image, Path):
+        image = load_image(image)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay(image, amap.astype(np.float32), alpha, vmin, vmax)).save(path)
+    picture = np.asarray(image)
+    Image.fromarray(overlay(picture, amap.astype(np.float32), alpha, vmin, vmax)).save(path)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -307,15 +314,17 @@ def _predict(args: argparse.Namespace) -> int:
     with tqdm(total=len(images), desc="predict", unit="img", disable=args.quiet) as bar:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            prediction = detector.predict([load_image(image) for image, _ in chunk])
+            pictures = [load_image(image) for image, _ in chunk]
+            prediction = detector.predict(pictures)
             scores.extend(float(s) for s in prediction.pred_score)
             if prediction.pred_label is not None:
                 labels.extend(bool(x) for x in prediction.pred_label)
-            for (image, target), amap in zip(chunk, prediction.anomaly_map, strict=True):
+            maps = prediction.anomaly_map
+            for (_, target), picture, amap in zip(chunk, pictures, maps, strict=True):
                 values = amap.float().numpy()
                 low, high = min(low, float(values.min())), max(high, float(values.max()))
                 if stream:
-                    _write_overlay(out / target, image, values, args.alpha, args.vmin, args.vmax)
+                    _write_overlay(out / target, picture, values, args.alpha, args.vmin, args.vmax)
                 else:
                     kept.append(values.astype(np.float16))
             bar.update(len(chunk))
@@ -431,12 +440,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     print(detector)
     detector.fit(data_root, progress=not args.quiet)
-    history = detector.history
-    if history:
-        print(
-            f"training loss: first epoch {history[0]['total']:.4f}, "
-            f"last epoch {history[-1]['total']:.4f}"
-        )
+    _print_training_loss(detector.history)
     results = detector.evaluate(data_root, progress=not args.quiet)
     print(format_table(results))
     model_path = detector.save(out / "model.cnc")

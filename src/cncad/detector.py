@@ -19,7 +19,7 @@ from cncad import __version__
 from cncad.config import CNCConfig
 from cncad.data import AnomalyFolder, preprocess, resize_mask, to_image_tensor
 from cncad.data.cache import FeatureCache, epoch_permutation
-from cncad.errors import ModelFileError, ModelVersionError
+from cncad.errors import DatasetError, ModelFileError, ModelVersionError
 from cncad.evaluation import AnomalyEvaluator
 from cncad.model import CNCModel
 
@@ -282,11 +282,14 @@ class CNCDetector:
             if images is not None:
                 yield images
 
+    def _encode(self, images: Tensor) -> Any:
+        """The frozen encoder's features, under the same autocast as training."""
+        with self._autocast():
+            return self.model.encode(images)
+
     def _encoded_batches(self, source: DataLoader | Dataset, epoch: int) -> Iterator[Any]:
         for images in self._image_batches(source, epoch):
-            with self._autocast():
-                features = self.model.encode(images)
-            yield features  # outside the autocast context: the consumer sets its own
+            yield self._encode(images)  # outside autocast: the consumer sets its own
 
     def _build_cache(
         self,
@@ -296,15 +299,10 @@ class CNCDetector:
         dtype: torch.dtype,
         progress: bool,
     ) -> FeatureCache:
-        def encode(images: Tensor) -> Any:
-            with self._autocast():
-                return self.model.encode(images)
-
-        dataset = source.dataset if isinstance(source, DataLoader) else source
-        max_images = len(dataset) if hasattr(dataset, "__len__") else None
+        max_images = _num_items(source) if isinstance(source, DataLoader) else len(source)
         try:
             return FeatureCache.build(
-                encode,
+                self._encode,
                 self._image_batches(source, epoch=None),
                 max_images,
                 dtype=dtype,
@@ -312,10 +310,8 @@ class CNCDetector:
                 directory=directory,
                 progress=progress,
             )
-        except ValueError as error:
-            if "no images" in str(error):
-                raise ValueError("the training data holds no normal images (label 0)") from None
-            raise
+        except DatasetError:
+            raise DatasetError("the training data holds no normal images (label 0)") from None
 
     def _normal_images(self, batch: Any) -> Tensor | None:
         labels = None

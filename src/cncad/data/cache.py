@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cncad.errors import DatasetError
+
 __all__ = ["FeatureCache", "epoch_permutation"]
 
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
@@ -147,7 +149,8 @@ class FeatureCache:
             The filled cache.
 
         Raises:
-            ValueError: If there are no images, more than ``max_images``, or a feature
+            DatasetError: (a ``ValueError``) If there are no images.
+            ValueError: If there are more than ``max_images`` images, or a feature
                 overflows the storage type.
         """
         if dtype not in _NUMPY_DTYPES:
@@ -162,7 +165,7 @@ class FeatureCache:
             if slots is None:
                 layout = batch_layout
                 shapes = [tuple(t.shape[1:]) for t in tensors]
-                per_image = sum(math.prod(s) for s in shapes) * _itemsize(dtype)
+                per_image = sum(math.prod(s) for s in shapes) * dtype.itemsize
                 if max_images is None:
                     slots = [[] for _ in shapes]
                 elif per_image * max_images <= memory_limit_gib * 2**30:
@@ -191,7 +194,7 @@ class FeatureCache:
             bar.update(count)
         bar.close()
         if slots is None or layout is None or filled == 0:
-            raise ValueError("no images to cache features of")
+            raise DatasetError("no images to cache features of")
         if max_images is None:
             slots = [torch.cat(chunks) for chunks in slots]
         elif filled < max_images:
@@ -210,7 +213,7 @@ class FeatureCache:
     @property
     def bytes_per_image(self) -> int:
         """Storage bytes of one image's features."""
-        return sum(math.prod(s.shape[1:]) * _slot_itemsize(s) for s in self._slots)
+        return sum(math.prod(s.shape[1:]) * s.itemsize for s in self._slots)
 
     @property
     def nbytes(self) -> int:
@@ -228,14 +231,16 @@ class FeatureCache:
             The encoder's NamedTuple with ``(B, ...)`` float32 tensors.
         """
         index = torch.as_tensor(indices, dtype=torch.long)
+        if not self.in_memory:
+            # Sorted reads are sequential on disk; the original order is restored after.
+            order = torch.argsort(index)
+            sorted_index = index[order].numpy()
         tensors = []
         for slot in self._slots:
             if isinstance(slot, Tensor):
                 part = slot[index]
             else:
-                # Sorted reads are sequential on disk; the original order is restored after.
-                order = torch.argsort(index)
-                rows = torch.from_numpy(np.ascontiguousarray(slot[index[order].numpy()]))
+                rows = torch.from_numpy(np.ascontiguousarray(slot[sorted_index]))
                 part = torch.empty_like(rows)
                 part[order] = rows
             tensors.append(part.to(device=device, dtype=torch.float32, non_blocking=True))
@@ -278,14 +283,6 @@ class FeatureCache:
         )
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _slot_itemsize(slot: Tensor | np.memmap) -> int:
-    return slot.element_size() if isinstance(slot, Tensor) else slot.itemsize
-
-
 def _new_memmap(folder: Path, shape: tuple[int, ...], dtype: torch.dtype) -> np.memmap:
-    path = folder / f"cncad-features-{uuid.uuid4().hex}.f{_itemsize(dtype) * 8}"
+    path = folder / f"cncad-features-{uuid.uuid4().hex}.f{dtype.itemsize * 8}"
     return np.memmap(path, dtype=_NUMPY_DTYPES[dtype], mode="w+", shape=shape)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from cncad.data.transforms import CLIP_MEAN, CLIP_STD
@@ -28,9 +29,6 @@ from cncad.encoders.clip import default_layers
 from cncad.encoders.weights import KeyRemap, load_encoder_weights
 
 __all__ = ["TIMM_PREFIX", "TimmEncoder", "create_timm_model", "default_cnn_layers"]
-
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 TIMM_PREFIX = "timm/"
 """``CNCConfig.backbone`` prefix naming a timm model: ``"timm/tf_efficientnet_lite0"``."""
@@ -149,7 +147,7 @@ class TimmEncoder(FrozenEncoder):
         if min(self.layers) < 1 or max(self.layers) > levels:
             raise ValueError(f"layers {self.layers} out of range for {levels} feature levels")
         self.image_size = image_size
-        indices = [i - 1 for i in self.layers]
+        self._indices = indices = [i - 1 for i in self.layers]
         self.features: nn.Module | None = None
         if hasattr(model, "forward_intermediates"):
             if hasattr(model, "prune_intermediate_layers"):
@@ -162,8 +160,8 @@ class TimmEncoder(FrozenEncoder):
             raise TypeError(f"{type(model).__name__} has no forward_intermediates")
         self._has_class_token = self.is_vit and getattr(model, "cls_token", None) is not None
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        mean = torch.tensor(cfg.get("mean", _IMAGENET_MEAN) if renormalize else input_mean)
-        std = torch.tensor(cfg.get("std", _IMAGENET_STD) if renormalize else input_std)
+        mean = torch.tensor(cfg.get("mean", IMAGENET_DEFAULT_MEAN) if renormalize else input_mean)
+        std = torch.tensor(cfg.get("std", IMAGENET_DEFAULT_STD) if renormalize else input_std)
         # x_model = (x_input * input_std + input_mean - mean) / std, per channel
         scale = torch.tensor(input_std, dtype=torch.float32) / std
         shift = (torch.tensor(input_mean, dtype=torch.float32) - mean) / std
@@ -206,7 +204,7 @@ class TimmEncoder(FrozenEncoder):
     def _run(self, images: Tensor) -> tuple[EncoderFeatures, list[Grid]]:
         self.check_input(images)
         images = images * self.input_scale.to(images.dtype) + self.input_shift.to(images.dtype)
-        indices = [i - 1 for i in self.layers]
+        indices = self._indices
         if self.is_vit:
             out = self.model.forward_intermediates(
                 images,
