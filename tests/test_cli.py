@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -86,6 +87,69 @@ def test_fit_on_a_plain_folder_uses_every_image_and_stores_the_threshold(
     detector = CNCDetector.load(out)
     assert detector.threshold == 0.25
     assert detector.epochs_trained == 1
+
+
+def test_fit_with_checkpoints_then_resume_equals_one_run(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    two = [*TINY, "--epochs", "2"]  # argparse keeps the last --epochs
+    assert main(["fit", str(data_root), "--out", str(tmp_path / "once.cnc"), *two]) == 0
+    runs = tmp_path / "runs"
+    first = ["fit", str(data_root), "--out", str(tmp_path / "half.cnc")]
+    assert main([*first, *TINY, "--checkpoint-dir", str(runs)]) == 0
+    assert f"checkpoint: {runs / 'last.ckpt'}" in capsys.readouterr().out
+    assert CNCDetector.load(runs / "last.ckpt").epochs_trained == 1
+    resume = ["fit", str(data_root), "--out", str(tmp_path / "resumed.cnc"), "--quiet"]
+    resume += ["--resume", str(runs / "last.ckpt"), "--checkpoint-dir", str(runs)]
+    resume += ["--epochs", "2", "--device", "cpu"]
+    assert main(resume) == 0
+    assert "1 of 2 epochs done" in capsys.readouterr().out
+    once = CNCDetector.load(tmp_path / "once.cnc").model.trainable_state_dict()
+    resumed = CNCDetector.load(tmp_path / "resumed.cnc")
+    assert resumed.epochs_trained == 2
+    for name, tensor in resumed.model.trainable_state_dict().items():
+        assert torch.equal(tensor, once[name]), name
+
+
+def test_resume_refuses_settings_that_would_change_the_run(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    assert main(["fit", str(data_root), "--out", str(tmp_path / "m.cnc"), *TINY,
+                 "--checkpoint-dir", str(runs)]) == 0  # fmt: skip
+    capsys.readouterr()
+    argv = ["fit", str(data_root), "--out", str(tmp_path / "m2.cnc"), "--resume"]
+    status = main([*argv, str(runs / "last.ckpt"), "--lr", "0.01", "--seed", "3"])
+    line = _assert_one_line_error(capsys, status, "--lr", "--seed")
+    assert "--resume continues the run" in line
+    assert not (tmp_path / "m2.cnc").exists()
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file", "the_checkpoint", "the_resumed"])
+def test_fit_checks_its_outputs_before_training(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch, where: str
+) -> None:
+    def no_training(*args, **kwargs):
+        pytest.fail("training started although an output path is bad")
+
+    monkeypatch.setattr(CNCDetector, "fit", no_training)
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "last.ckpt").write_bytes(b"old")
+    extra: list[str] = []
+    out = {
+        "folder": tmp_path,
+        "under_a_file": tmp_path / "a_file" / "m.cnc",
+        "the_checkpoint": tmp_path / "runs" / "last.ckpt",
+        "the_resumed": tmp_path / "runs" / "last.ckpt",
+    }[where]
+    if where == "the_checkpoint":
+        extra = ["--checkpoint-dir", str(tmp_path / "runs")]
+    if where == "the_resumed":
+        extra = ["--resume", str(tmp_path / "runs" / "last.ckpt")]
+    status = main(["fit", str(data_root), "--out", str(out), *TINY, *extra])
+    _assert_one_line_error(capsys, status, "--out")
+    assert (tmp_path / "runs" / "last.ckpt").read_bytes() == b"old"
 
 
 def test_fit_without_the_cache_and_with_a_cache_folder(
@@ -209,6 +273,197 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert (tmp_path / "model.cnc").is_file()
     assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 2
     assert "Mean" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------------------- output files
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the command gets as far as loading the model."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        pytest.fail("the model was loaded although the output path is bad")
+
+    monkeypatch.setattr(CNCDetector, "load", refuse)
+
+
+def _no_temporary_files(folder: Path) -> bool:
+    return not list(folder.rglob(".*.tmp"))
+
+
+def test_evaluate_keeps_the_old_json_when_writing_fails(
+    model_file: Path,
+    data_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    target = tmp_path / "old.json"
+    old = b'{"model": "earlier.cnc", "mean": {"I-AUROC": 0.5}}\n'
+    target.write_bytes(old)
+
+    def dump_half_then_fail(payload: object, handle: Any, **kwargs: object) -> None:
+        handle.write('{"model": ')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", dump_half_then_fail)
+    argv = ["evaluate", str(model_file), str(data_root), "--json", str(target), "--quiet"]
+
+    _assert_one_line_error(capsys, main(argv), "No space left on device")
+    assert target.read_bytes() == old
+    assert json.loads(target.read_text(encoding="utf-8"))["model"] == "earlier.cnc"
+    assert sorted(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file", "inside_data", "the_model"])
+def test_evaluate_checks_the_json_path_before_loading_the_model(
+    model_file: Path,
+    data_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_model_loading: None,
+    where: str,
+) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    target, message = {
+        "folder": (tmp_path, "is a folder"),
+        "under_a_file": (blocker / "eval.json", "is a file"),
+        "inside_data": (data_root / "eval.json", "inside the input folder"),
+        "the_model": (model_file, "is also an input"),
+    }[where]
+    model_bytes = model_file.read_bytes()
+
+    status = main(["evaluate", str(model_file), str(data_root), "--json", str(target)])
+
+    _assert_one_line_error(capsys, status, "--json", message)
+    assert blocker.read_text() == "not a folder"
+    assert model_file.read_bytes() == model_bytes
+    assert not (data_root / "eval.json").exists()
+
+
+@pytest.fixture
+def parts(data_root: Path, tmp_path: Path) -> Path:
+    """A folder holding one image, ``part.png``."""
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    shutil.copyfile(data_root / "carpet_like" / "test" / "good" / "000.png", folder / "part.png")
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["image_folder", "input_folder", "dot", "inside_input"])
+def test_predict_never_writes_over_its_inputs(
+    model_file: Path,
+    parts: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_model_loading: None,
+    layout: str,
+) -> None:
+    image = parts / "part.png"
+    before = image.read_bytes()
+    images, out, message = {
+        "image_folder": (str(image), str(parts), "contains the input"),
+        "input_folder": (str(parts), str(parts), "is also an input"),
+        "dot": ("part.png", ".", "contains the input"),
+        "inside_input": (str(parts), str(parts / "heatmaps"), "inside the input folder"),
+    }[layout]
+    monkeypatch.chdir(parts)
+
+    status = main(["predict", str(model_file), images, "--out", out])
+
+    _assert_one_line_error(capsys, status, "--out", message)
+    assert image.read_bytes() == before
+    assert sorted(parts.iterdir()) == [image]
+
+
+def test_predict_refuses_an_image_linked_from_its_output_folder(
+    model_file: Path, parts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # shots/part.png links to results/shots/part.png, which is where its heatmap would go.
+    out = tmp_path / "results"
+    (out / "shots").mkdir(parents=True)
+    real = out / "shots" / "part.png"
+    shutil.copyfile(parts / "part.png", real)
+    before = real.read_bytes()
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    (shots / "part.png").symlink_to(real)
+
+    status = main(["predict", str(model_file), str(shots), "--out", str(out)])
+
+    _assert_one_line_error(capsys, status, "would overwrite an input file")
+    assert real.read_bytes() == before
+    assert not (out / "scores.csv").exists()
+
+
+def test_predict_keeps_the_old_scores_when_writing_them_fails(
+    model_file: Path,
+    parts: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "results"
+    out.mkdir()
+    old = b"path,score\r\nearlier.png,0.25\r\n"
+    (out / "scores.csv").write_bytes(old)
+    real_writer = csv.writer
+
+    class HeaderThenFail:
+        def __init__(self, handle: Any) -> None:
+            self.rows = 0
+            self.writer = real_writer(handle)
+
+        def writerow(self, row: list[str]) -> None:
+            if self.rows == 1:
+                raise OSError(28, "No space left on device")
+            self.writer.writerow(row)
+            self.rows += 1
+
+    monkeypatch.setattr(csv, "writer", HeaderThenFail)
+    argv = ["predict", str(model_file), str(parts / "part.png"), "--out", str(out), "--quiet"]
+
+    _assert_one_line_error(capsys, main(argv), "No space left on device")
+    assert (out / "scores.csv").read_bytes() == old
+    assert (out / "part.png").is_file()  # the heatmap, written before the table
+    assert _no_temporary_files(out)
+
+
+def test_predict_keeps_an_old_heatmap_when_drawing_fails(
+    model_file: Path,
+    parts: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "results"
+    out.mkdir()
+    old = b"an earlier heatmap"
+    (out / "part.png").write_bytes(old)
+
+    def encode_half_then_fail(self: Image.Image, fp: Any, *args: object, **kwargs: object) -> None:
+        fp.write(b"\x89PNG\r\n\x1a\n")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", encode_half_then_fail)
+    argv = ["predict", str(model_file), str(parts / "part.png"), "--out", str(out), "--quiet"]
+
+    _assert_one_line_error(capsys, main(argv), "No space left on device")
+    assert (out / "part.png").read_bytes() == old
+    assert sorted(out.iterdir()) == [out / "part.png"]
+
+
+def test_demo_refuses_a_file_as_its_output_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "demo_output"
+    target.write_text("keep me")
+    status = main(["demo", "--out", str(target), "--epochs", "1", "--device", "cpu"])
+    _assert_one_line_error(capsys, status, "--out", "is a file")
+    assert target.read_text() == "keep me"
+    assert sorted(tmp_path.iterdir()) == [target]
 
 
 # -------------------------------------------------------------------------------- help

@@ -171,17 +171,47 @@ def test_load_rejects_foreign_files(tmp_path):
         CNCDetector.load(path)
 
 
-def test_custom_clip_model_object(tmp_path):
+def test_custom_clip_model_object_is_passed_as_encoder(tmp_path):
     from cncad.encoders import build_tiny_clip
 
-    detector = CNCDetector(clip_model=build_tiny_clip(), image_size=56, device="cpu")
+    detector = CNCDetector(encoder=build_tiny_clip(), image_size=56, device="cpu")
     assert detector.config.backbone == "custom"
     path = detector.save(tmp_path / "custom.cnc")
-    with pytest.raises(ValueError, match="clip_model"):
+    with pytest.raises(ValueError, match="encoder="):
         CNCDetector.load(path)
     images = torch.rand(1, 3, 56, 56)
-    again = CNCDetector.load(path, clip_model=build_tiny_clip())
+    again = CNCDetector.load(path, encoder=build_tiny_clip())
     assert torch.equal(again.predict(images).pred_score, detector.predict(images).pred_score)
+
+
+def test_clip_model_is_the_deprecated_name_of_encoder(tmp_path):
+    from cncad.encoders import build_tiny_clip
+
+    with pytest.warns(DeprecationWarning, match="encoder="):
+        detector = CNCDetector(clip_model=build_tiny_clip(), image_size=56, device="cpu")
+    path = detector.save(tmp_path / "custom.cnc")
+    with pytest.warns(DeprecationWarning):
+        again = CNCDetector.load(path, clip_model=build_tiny_clip())
+    images = torch.rand(1, 3, 56, 56)
+    assert torch.equal(again.predict(images).pred_score, detector.predict(images).pred_score)
+    with pytest.raises(ValueError, match="pass the backbone once"):
+        CNCDetector(clip_model=build_tiny_clip(), encoder=build_tiny_clip(), image_size=56)
+
+
+def test_top_level_namespace_holds_what_users_import():
+    import cncad
+
+    assert len(cncad.__all__) <= 25
+    for name in cncad.__all__:
+        assert getattr(cncad, name) is not None
+    for internal in ("build_tiny_clip", "total_loss", "MoEOutput", "CNCOutput", "LossTerms"):
+        assert internal not in cncad.__all__
+    from cncad.encoders import build_tiny_clip
+
+    with pytest.warns(DeprecationWarning, match="import it from cncad.encoders"):
+        assert cncad.build_tiny_clip is build_tiny_clip
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        cncad.nonexistent  # noqa: B018
 
 
 def test_evaluate_returns_the_seven_metrics_per_category(fitted, dataset_root):
@@ -191,3 +221,15 @@ def test_evaluate_returns_the_seven_metrics_per_category(fitted, dataset_root):
         for name in ("I-AUROC", "P-AUROC", "AUPRO", "I-AP", "P-AP", "I-F1max", "P-F1max"):
             assert 0.0 <= metrics[name] <= 1.0
     assert results["mean"]["n_images"] == 2 * (2 + 3)
+
+
+def test_a_model_saved_after_training_predicts_like_the_trained_one(dataset_root, tmp_path):
+    detector = CNCDetector(
+        backbone="tiny", pretrained=None, image_size=56, batch_size=4, theta=0, device="cpu"
+    )
+    images = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    detector.predict(images)  # fills the text-feature cache for the initial prompts
+    detector.fit(dataset_root, epochs=1, progress=False)  # the prompts change
+    path = detector.save(tmp_path / "model.cnc")
+    expected = detector.predict(images).pred_score
+    assert torch.equal(CNCDetector.load(path).predict(images).pred_score, expected)

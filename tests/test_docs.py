@@ -52,7 +52,8 @@ def _public_modules() -> dict[str, ModuleType]:
     names = ["cncad"] + [
         info.name
         for info in pkgutil.walk_packages(cncad.__path__, "cncad.")
-        if not info.name.endswith("__main__")  # importing it runs the command
+        # __main__: importing it runs the command; _name: private helpers
+        if not info.name.endswith("__main__") and not info.name.rsplit(".", 1)[-1].startswith("_")
     ]
     return {name: importlib.import_module(name) for name in names}
 
@@ -147,3 +148,11 @@ def test_python_snippets_compile_and_import(page: str) -> None:
                 module = importlib.import_module(node.module)
                 for alias in node.names:
                     assert hasattr(module, alias.name), f"{page}: {node.module}.{alias.name}"
+
+
+@pytest.mark.parametrize("module", ["cncad.files", "cncad.checkpoint", "cncad.training"])
+def test_docstring_examples_run(module: str) -> None:
+    import doctest
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -184,3 +184,71 @@ def test_cnc_switched_on_with_a_timm_encoder_is_an_error(tiny_config):
         CNCModel(tiny_config.replace(image_size=64), encoder=encoder)
     with pytest.raises(ValueError, match="no text tower"):
         tiny_config.replace(backbone="timm/test_efficientnet")
+
+
+def context_grad(model, loss):
+    (grad,) = torch.autograd.grad(
+        loss, model.prompt_learner.context, retain_graph=True, allow_unused=True
+    )
+    return grad
+
+
+def test_detached_text_anchors_leave_the_prompts_to_eq_4(tiny_config, images):
+    model = build(tiny_config, theta=0).train()
+    assert model.config.detach_text_anchors  # the default
+    terms = model.loss(model(images), epoch=0)
+    anchored = context_grad(model, terms.distill + terms.align_decoder)
+    assert anchored is None or not anchored.any()
+    encoder_grad = context_grad(model, terms.align_encoder)
+    assert encoder_grad is not None and encoder_grad.abs().sum() > 0
+    # the total still trains the prompts, through eq. 4 alone
+    total_grad = context_grad(model, terms.total)
+    assert torch.allclose(total_grad, encoder_grad)
+
+
+def test_undetached_text_anchors_let_every_loss_move_the_prompts(tiny_config, images):
+    model = build(tiny_config, theta=0, detach_text_anchors=False).train()
+    terms = model.loss(model(images), epoch=0)
+    distill_grad = context_grad(model, terms.distill)
+    decoder_grad = context_grad(model, terms.align_decoder)
+    assert distill_grad is not None and distill_grad.abs().sum() > 0
+    assert decoder_grad is not None and decoder_grad.abs().sum() > 0
+
+
+def test_gamma_ramp_from_the_config(tiny_config, images):
+    model = build(tiny_config, theta=3, gamma=0.2, gamma_ramp_epochs=4).train()
+    out = model(images)
+    for epoch, weight in [(2, 0.0), (3, 0.05), (4, 0.1), (6, 0.2), (7, 0.2)]:
+        terms = model.loss(out, epoch=epoch)
+        expected = terms.align_encoder + weight * terms.align_decoder
+        assert torch.allclose(terms.constraint, expected), epoch
+
+
+def test_encoder_alignment_under_bf16_autocast_equals_float32(tiny_config, images):
+    model = build(tiny_config, noise_std=0.0, fusion_dropout=0.0).train()
+    features = model.encode(images)
+    expected = model.loss(model.forward_features(features), epoch=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_features(features)
+        terms = model.loss(out, epoch=0)
+    assert out.decoded[0].dtype == torch.bfloat16  # the student did run in bf16
+    assert out.encoded_global.dtype == out.text_normal.dtype == torch.float32
+    assert torch.equal(out.text_normal, model.forward_features(features).text_normal)
+    assert torch.equal(terms.align_encoder, expected.align_encoder)
+    assert torch.isfinite(terms.total)
+
+
+def test_predict_under_inference_mode_then_training_and_reloading(tiny_config, images):
+    model = build(tiny_config).eval()
+    with torch.inference_mode():
+        before, _ = model.predict(images)
+    assert not model.prompt_learner.cached_features.is_inference()
+    model.train()
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    model.loss(model(images), epoch=0).total.backward()
+    optimizer.step()
+    model.eval()
+    after, _ = model.predict(images)
+    assert not torch.equal(after, before)
+    model.load_trainable_state_dict(model.trainable_state_dict())
+    assert torch.equal(model.predict(images)[0], after)

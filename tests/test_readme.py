@@ -62,6 +62,7 @@ def test_readme_python_snippet_runs(tmp_path: Path) -> None:
     assert re.search(r"^tensor\(\[\d+\.\d+\]\) torch\.Size\(\[1, 64, 64\]\)$", printed, re.M)
     assert "loaded CNCDetector 5" in printed  # the reloaded detector, trained for 5 epochs
     assert (tmp_path / "model.cnc").is_file()
+    assert (tmp_path / "runs" / "last.ckpt").is_file()
     assert sorted(p.name for p in (tmp_path / "cncad_data").iterdir()) == [
         "bolt_like",
         "carpet_like",

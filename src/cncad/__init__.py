@@ -1,83 +1,98 @@
 """cncad: Cross-modal Normality Constraint for unsupervised multi-class anomaly detection.
 
-The facade (``CNCDetector``), the model (``CNCModel``), its building blocks
-(``cncad.modules``), the scoring function and the metrics are all importable from here.
+The top level holds what users import: the facade ([`CNCDetector`][cncad.detector.CNCDetector]
+and its [`Prediction`][cncad.detector.Prediction]), the configuration, the model and its
+training engine, CNC's building blocks as plain modules and functions, the scoring
+functions, the evaluator and the errors. Everything else lives in its module:
+``cncad.losses`` (eqs. 4, 9-11, 16), ``cncad.metrics``, ``cncad.encoders``, ``cncad.data``,
+``cncad.checkpoint`` (the file format), ``cncad.files``, ``cncad.visualize``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+import importlib
+import warnings
+from typing import Any
 
 from cncad.config import CNCConfig
 from cncad.detector import CNCDetector, Prediction
-from cncad.encoders import CLIPEncoder, CLIPTextTower, EncoderFeatures, build_tiny_clip
-from cncad.errors import CNCADError, DatasetError, ModelFileError, ModelVersionError
+from cncad.errors import (
+    CNCADError,
+    DatasetError,
+    ModelFileError,
+    ModelVersionError,
+    NonFiniteError,
+    TrainingBusyError,
+)
 from cncad.evaluation import AnomalyEvaluator
-from cncad.losses import (
-    LossTerms,
-    alignment_loss,
-    constraint_loss,
-    distillation_loss,
-    total_loss,
-)
-from cncad.metrics import (
-    aupro,
-    image_ap,
-    image_auroc,
-    image_f1_max,
-    pixel_ap,
-    pixel_auroc,
-    pixel_f1_max,
-)
-from cncad.model import CNCModel, CNCOutput
+from cncad.model import CNCModel
 from cncad.modules import (
     FeatureNoise,
     FeatureNormalityPromotion,
     GatedMoE,
-    MoEOutput,
     MultiLayerFusion,
     PromptLearner,
     ResidualAttentionDecoder,
     importance_loss,
-    normality_coefficient,
 )
 from cncad.scoring import anomaly_map, image_score
+from cncad.training import Trainer
 
 __all__ = [
     "AnomalyEvaluator",
-    "CLIPEncoder",
-    "CLIPTextTower",
     "CNCADError",
     "CNCConfig",
     "CNCDetector",
     "CNCModel",
-    "CNCOutput",
     "DatasetError",
-    "EncoderFeatures",
     "FeatureNoise",
     "FeatureNormalityPromotion",
     "GatedMoE",
-    "LossTerms",
-    "MoEOutput",
     "ModelFileError",
     "ModelVersionError",
     "MultiLayerFusion",
+    "NonFiniteError",
     "Prediction",
     "PromptLearner",
     "ResidualAttentionDecoder",
+    "Trainer",
+    "TrainingBusyError",
     "__version__",
-    "alignment_loss",
     "anomaly_map",
-    "aupro",
-    "build_tiny_clip",
-    "constraint_loss",
-    "distillation_loss",
-    "image_ap",
-    "image_auroc",
-    "image_f1_max",
     "image_score",
     "importance_loss",
-    "normality_coefficient",
-    "pixel_ap",
-    "pixel_auroc",
-    "pixel_f1_max",
-    "total_loss",
 ]
+
+# Names that cncad 0.1 exported here and that now live only in their own module.
+_MOVED = {
+    "CLIPEncoder": "cncad.encoders",
+    "CLIPTextTower": "cncad.encoders",
+    "EncoderFeatures": "cncad.encoders",
+    "build_tiny_clip": "cncad.encoders",
+    "LossTerms": "cncad.losses",
+    "alignment_loss": "cncad.losses",
+    "constraint_loss": "cncad.losses",
+    "distillation_loss": "cncad.losses",
+    "total_loss": "cncad.losses",
+    "aupro": "cncad.metrics",
+    "image_ap": "cncad.metrics",
+    "image_auroc": "cncad.metrics",
+    "image_f1_max": "cncad.metrics",
+    "pixel_ap": "cncad.metrics",
+    "pixel_auroc": "cncad.metrics",
+    "pixel_f1_max": "cncad.metrics",
+    "CNCOutput": "cncad.model",
+    "MoEOutput": "cncad.modules",
+    "normality_coefficient": "cncad.modules",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Keep ``from cncad import <moved name>`` working for a while, with a warning."""
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cncad' has no attribute {name!r}")
+    warnings.warn(
+        f"cncad.{name} has moved: import it from {module}", DeprecationWarning, stacklevel=2
+    )
+    return getattr(importlib.import_module(module), name)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from cncad.checkpoint import CHECKPOINT_NAME
 from cncad.config import CNCConfig
 from cncad.data import (
     NORMAL_FOLDER_NAMES,
@@ -33,6 +34,7 @@ from cncad.data import (
     load_image,
 )
 from cncad.errors import CNCADError, DatasetError
+from cncad.files import atomic_write, check_output_dir, check_output_file, save_image_atomic
 
 __all__ = ["build_parser", "main"]
 
@@ -194,6 +196,10 @@ def _one_line(error: BaseException) -> str:
 # --------------------------------------------------------------------------------------
 
 
+#: Settings a resumed run keeps from its checkpoint: changing them would change the run.
+_FIXED_ON_RESUME = ("backbone", "pretrained", "image_size", "batch_size", "lr", "seed")
+
+
 def _fit(args: argparse.Namespace) -> int:
     from cncad.detector import CNCDetector
 
@@ -210,21 +216,47 @@ def _fit(args: argparse.Namespace) -> int:
     overrides = {name: value for name, value in fields.items() if value is not None}
     if args.pretrained is not None:
         overrides["pretrained"] = _pretrained(args.pretrained)
-    elif args.backbone == "tiny":
+    elif args.backbone == "tiny" and args.resume is None:
         overrides["pretrained"] = None
-    config = _DEFAULTS.replace(**overrides)
-    out = Path(args.out)
-    if out.is_dir():
-        raise DatasetError(f"--out must be a file name, but {out} is a folder")
+    # The model and checkpoint files are no images, so they may go inside DATA; only the
+    # checkpoint being resumed must not be overwritten.
+    resumed = [args.resume] if args.resume is not None else []
+    out = check_output_file(args.out, inputs=resumed, what="--out")
+    if args.checkpoint_dir is not None:
+        check_output_dir(args.checkpoint_dir, what="--checkpoint-dir")
+        if out.parent == Path(args.checkpoint_dir).resolve() and out.name == CHECKPOINT_NAME:
+            raise ValueError(f"--out must not be the checkpoint file {out}")
 
     start = time.perf_counter()
-    data, description = _training_data(Path(args.data), config.image_size)
+    if args.resume is not None:
+        fixed = sorted(name for name in overrides if name in _FIXED_ON_RESUME)
+        if fixed:
+            options = ", ".join("--" + name.replace("_", "-") for name in fixed)
+            raise ValueError(
+                f"--resume continues the run with the settings stored in its checkpoint; "
+                f"drop {options} (only --epochs, --device, --num-workers and --threshold "
+                "may change)"
+            )
+        detector = CNCDetector.load(args.resume, **overrides)
+        print(
+            f"resuming {args.resume}: {detector.epochs_trained} of "
+            f"{detector.config.epochs} epochs done"
+        )
+    else:
+        detector = CNCDetector(_DEFAULTS.replace(**overrides))
+    data, description = _training_data(Path(args.data), detector.config.image_size)
     print(f"training data: {description}")
-    detector = CNCDetector(config)
     if args.threshold is not None:
         detector.threshold = args.threshold
     print(detector)
-    detector.fit(data, progress=not args.quiet, cache=not args.no_cache, cache_dir=args.cache_dir)
+    detector.fit(
+        data,
+        progress=not args.quiet,
+        cache=not args.no_cache,
+        cache_dir=args.cache_dir,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+    )
     if detector.cache_stats is not None:
         stats = detector.cache_stats
         where = "memory" if stats["in_memory"] else "memory-mapped files"
@@ -234,6 +266,8 @@ def _fit(args: argparse.Namespace) -> int:
             f"filled in {stats['build_seconds']:.1f} s"
         )
     _print_training_loss(detector.history)
+    if args.checkpoint_dir is not None:
+        print(f"checkpoint: {Path(args.checkpoint_dir) / CHECKPOINT_NAME}")
     path = detector.save(out)
     print(f"saved the trained detector to {path} ({time.perf_counter() - start:.1f} s)")
     return 0
@@ -275,6 +309,19 @@ def _image_list(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
     return result
 
 
+def _check_predict_outputs(out: Path, images: list[tuple[Path, Path]], model: Path) -> None:
+    """Refuse a run whose heatmaps or ``scores.csv`` would overwrite an image or the model.
+
+    ``check_output_dir`` already keeps ``--out`` apart from the images; this also catches
+    an image reached through a symbolic link into ``--out``, and the model file.
+    """
+    sources = {image.resolve() for image, _ in images} | {model.resolve()}
+    targets = [out / relative for _, relative in images] + [out / _SCORES_FILE]
+    for target in targets:
+        if target.resolve() in sources:
+            raise ValueError(f"--out: writing {target} would overwrite an input file")
+
+
 def _write_overlay(
     path: Path, image: Any, amap: np.ndarray, alpha: float, vmin: float, vmax: float
 ) -> None:
@@ -285,9 +332,21 @@ def _write_overlay(
 
     if isinstance(image, Path):
         image = load_image(image)
-    path.parent.mkdir(parents=True, exist_ok=True)
     picture = np.asarray(image)
-    Image.fromarray(overlay(picture, amap.astype(np.float32), alpha, vmin, vmax)).save(path)
+    heatmap = Image.fromarray(overlay(picture, amap.astype(np.float32), alpha, vmin, vmax))
+    save_image_atomic(heatmap, path)
+
+
+def _write_scores(
+    path: Path, images: list[tuple[Path, Path]], scores: list[float], labels: list[bool]
+) -> None:
+    """Write ``scores.csv`` (``path,score[,is_anomalous]``) atomically."""
+    with atomic_write(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score", *(["is_anomalous"] if labels else [])])
+        for index, ((image, _), score) in enumerate(zip(images, scores, strict=True)):
+            flag = ["true" if labels[index] else "false"] if labels else []
+            writer.writerow([str(image), f"{score:.8g}", *flag])
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -295,10 +354,10 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.vmin is not None and args.vmax is not None and args.vmin >= args.vmax:
         raise ValueError(f"--vmin ({args.vmin:g}) must be below --vmax ({args.vmax:g})")
-    images = _image_list(args.images)
+    check_output_dir(args.out, inputs=args.images, what="--out")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise DatasetError(f"--out must be a folder, but {out} is a file")
+    images = _image_list(args.images)
+    _check_predict_outputs(out, images, Path(args.model))
     overrides: dict[str, Any] = {"device": args.device}
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
@@ -335,14 +394,8 @@ def _predict(args: argparse.Namespace) -> int:
         for (image, target), values in zip(images, kept, strict=True):
             _write_overlay(out / target, image, values, args.alpha, vmin, vmax)
 
-    out.mkdir(parents=True, exist_ok=True)
     table = out / _SCORES_FILE
-    with table.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "score", *(["is_anomalous"] if labels else [])])
-        for index, ((image, _), score) in enumerate(zip(images, scores, strict=True)):
-            flag = ["true" if labels[index] else "false"] if labels else []
-            writer.writerow([str(image), f"{score:.8g}", *flag])
+    _write_scores(table, images, scores, labels)
     print(f"scored {len(images)} images: heatmap overlays in {out}, scores in {table}")
     print(
         f"heatmap colour scale: {vmin:.6g} (blue) to {vmax:.6g} (red); "
@@ -382,10 +435,10 @@ def _json_results(results: dict[str, Any], model: str, data: str) -> dict[str, A
 def _evaluate(args: argparse.Namespace) -> int:
     from cncad.evaluation import format_table
 
+    if args.json is not None:
+        check_output_file(args.json, inputs=[args.model, args.data], what="--json")
     data = _existing_dir(Path(args.data), "data folder")
     find_categories(data)
-    if args.json is not None and Path(args.json).is_dir():
-        raise DatasetError(f"--json must be a file name, but {args.json} is a folder")
     overrides: dict[str, Any] = {"device": args.device}
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
@@ -400,9 +453,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(format_table(results))
     if args.json is not None:
         path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = _json_results(results, args.model, str(data))
-        path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        with atomic_write(path, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2)
+            handle.write("\n")
         print(f"wrote {path}")
     return 0
 
@@ -418,6 +472,7 @@ def _demo(args: argparse.Namespace) -> int:
     from cncad.evaluation import format_table
     from cncad.visualize import save_panel
 
+    check_output_dir(args.out, what="--out")
     out = Path(args.out)
     start = time.perf_counter()
     data_root = make_synthetic_dataset(
@@ -504,7 +559,9 @@ examples:
   cncad fit mvtec_ad --out mvtec.cnc
   cncad fit mvtec_ad/bottle --out bottle.cnc --epochs 100 --device cuda
   cncad fit line_3/accepted --out line3.cnc --pretrained ~/clip/ViT-L-14-336px.pt
-  cncad fit data --out quick.cnc --backbone tiny --image-size 112 --epochs 5  # smoke test"""
+  cncad fit data --out quick.cnc --backbone tiny --image-size 112 --epochs 5  # smoke test
+  cncad fit mvtec_ad --out mvtec.cnc --checkpoint-dir runs/mvtec       # keeps runs/mvtec/last.ckpt
+  cncad fit mvtec_ad --out mvtec.cnc --checkpoint-dir runs/mvtec --resume runs/mvtec/last.ckpt"""
 
 _PREDICT_DESCRIPTION = """\
 Score images with a trained detector and draw where the anomalies are.
@@ -519,7 +576,10 @@ IMAGES are image files and/or folders (searched recursively). Written under --ou
 All heatmaps of a run share one colour scale, from the lowest to the highest map value
 of the run, so a normal image looks cooler than a defective one; the scale is printed.
 Give both --vmin and --vmax to fix it (e.g. to compare runs); then maps are written as
-they are computed instead of being kept in memory until the end."""
+they are computed instead of being kept in memory until the end.
+
+--out may not be an input, lie inside an input folder or contain an input image, and no
+file written may be the model: a run never writes over its own inputs."""
 
 _PREDICT_EPILOG = """\
 examples:
@@ -666,6 +726,25 @@ def _add_fit(commands: Any) -> None:
         metavar="DIR",
         help="folder for the feature cache when it does not fit in memory (default: the "
         "system's temporary folder; the files are deleted at the end)",
+    )
+    fit.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help=f"keep a checkpoint of the run in DIR/{CHECKPOINT_NAME}, replaced atomically "
+        "after every --checkpoint-every epochs (default: none)",
+    )
+    fit.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="epochs between checkpoints (default: 1)",
+    )
+    fit.add_argument(
+        "--resume",
+        metavar="CKPT",
+        help="continue the run saved in this checkpoint up to its --epochs (or a new "
+        "--epochs total), with its own settings",
     )
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.set_defaults(handler=_fit)

@@ -85,6 +85,14 @@ class CNCConfig:
         tau: Temperature of the alignment losses (eqs. 4, 10).
         gamma: Weight of the decoder alignment loss (eq. 11).
         theta: Epoch from which the decoder alignment loss is added (eq. 11).
+        gamma_ramp_epochs: Stabiliser, off (0) by default as in the paper: from epoch
+            ``theta`` on, γ of eq. 11 grows linearly over this many epochs
+            (``γ · min(1, (epoch - θ + 1) / gamma_ramp_epochs)``) instead of switching on
+            at once. See ``docs/benchmarks.md`` ("The θ transition").
+        detach_text_anchors: Whether the text features are detached where they serve as
+            anchors, in eq. 10 and in the normality promotion (eqs. 5-8), so that only
+            eq. 4 trains the prompts ("textual features trained by (4) as anchors"). False
+            lets every loss move the prompts. See ``docs/design.md``.
         moe_loss_weight: Weight of the importance loss in the total loss (eq. 16 uses 1).
         moe_loss_eps: Epsilon of the importance loss (eq. 15).
         use_mlf: Multi-layer fusion switch (Table 2 "MLF"); off: the deepest tapped feature
@@ -94,6 +102,8 @@ class CNCConfig:
         use_moe: Gated mixture-of-experts switch (Table 2 "MoE").
         lr: Adam learning rate.
         weight_decay: Adam weight decay (the paper states none).
+        grad_clip_norm: Stabiliser, off (None) by default as in the paper: clip the global
+            L2 norm of the trainable parameters' gradient to this value before each step.
         batch_size: Training batch size.
         epochs: Training epochs (250 for MVTec AD, 200 for VisA in the paper).
         num_workers: DataLoader workers for folder and dataset inputs.
@@ -133,6 +143,8 @@ class CNCConfig:
     tau: float = 0.001
     gamma: float = 0.1
     theta: int = 5
+    gamma_ramp_epochs: int = 0
+    detach_text_anchors: bool = True
     moe_loss_weight: float = 1.0
     moe_loss_eps: float = 1e-10
     use_mlf: bool = True
@@ -140,6 +152,7 @@ class CNCConfig:
     use_moe: bool = True
     lr: float = 1e-3
     weight_decay: float = 0.0
+    grad_clip_norm: float | None = None
     batch_size: int = 8
     epochs: int = 250
     num_workers: int = 0
@@ -206,6 +219,11 @@ class CNCConfig:
         _check(self.expert_mlp_ratio > 0, "expert_mlp_ratio must be positive")
         _check(self.tau > 0, "tau must be positive")
         _check(self.theta >= 0, "theta must be >= 0")
+        _check(self.gamma_ramp_epochs >= 0, "gamma_ramp_epochs must be >= 0")
+        _check(
+            self.grad_clip_norm is None or self.grad_clip_norm > 0,
+            f"grad_clip_norm must be positive or None, got {self.grad_clip_norm}",
+        )
         _check(self.lr > 0, "lr must be positive")
         _check(self.batch_size >= 1, "batch_size must be at least 1")
         _check(self.epochs >= 0, "epochs must be >= 0")

@@ -1,11 +1,19 @@
-"""CNCDetector: the notebook-facing facade (fit, predict, evaluate, save, load)."""
+"""CNCDetector: the notebook-facing facade (fit, predict, evaluate, save, load).
+
+It composes the pieces and adds no logic of its own beyond argument checks: the model is
+[`CNCModel`][cncad.model.CNCModel], training is [`Trainer`][cncad.training.Trainer], the file
+format is [`cncad.checkpoint`][cncad.checkpoint], the metrics are
+[`AnomalyEvaluator`][cncad.evaluation.AnomalyEvaluator].
+"""
 
 from __future__ import annotations
 
-import math
+import contextlib
+import dataclasses
 import os
-import time
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,18 +23,23 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cncad import __version__
+from cncad.checkpoint import (
+    CHECKPOINT_NAME,
+    DetectorFile,
+    load_trainable_weights,
+    read_detector_file,
+    write_detector_file,
+)
 from cncad.config import CNCConfig
 from cncad.data import AnomalyFolder, preprocess, resize_mask, to_image_tensor
-from cncad.data.cache import FeatureCache, epoch_permutation
-from cncad.errors import DatasetError, ModelFileError, ModelVersionError
+from cncad.errors import ModelFileError, TrainingBusyError
 from cncad.evaluation import AnomalyEvaluator
+from cncad.files import check_output_dir
 from cncad.model import CNCModel
+from cncad.training import Trainer, TrainingState, autocast_for, model_input
 
 __all__ = ["CNCDetector", "Prediction"]
 
-_FILE_FORMAT = "cncad-detector"
-_FILE_FORMAT_VERSION = 1
 _CUSTOM_BACKBONE = "custom"
 
 
@@ -55,23 +68,23 @@ class CNCDetector:
 
     Example:
         >>> detector = CNCDetector(backbone="tiny", image_size=112, epochs=2)  # doctest: +SKIP
-        >>> detector.fit("path/to/mvtec_root")  # doctest: +SKIP
+        >>> detector.fit("path/to/mvtec_root", checkpoint_dir="runs/a")  # doctest: +SKIP
         >>> result = detector.predict("part.png")  # doctest: +SKIP
         >>> result.pred_score, result.anomaly_map.shape  # doctest: +SKIP
+        >>> detector = CNCDetector.load("runs/a/last.ckpt")  # doctest: +SKIP
+        >>> detector.fit("path/to/mvtec_root", checkpoint_dir="runs/a")  # doctest: +SKIP
 
     Args:
         config: Full configuration; defaults to the paper's settings.
-        clip_model: An open_clip model object to use as the frozen backbone (the config's
-            ``backbone`` becomes ``"custom"``). A
-            [`FrozenEncoder`][cncad.encoders.base.FrozenEncoder] or a timm model given here is taken
-            as ``encoder`` (so that ``CNCDetector.load(path, clip_model=...)`` also restores custom
-            encoders).
-        tokenizer: The tokenizer of ``clip_model`` (default: the CLIP BPE tokenizer).
-        encoder: A frozen encoder object without a text tower, e.g.
-            ``TimmEncoder(timm_model, image_size=...)`` or a timm model (wrapped with the
-            config's ``image_size``, ``layers`` and ``num_taps``); the backbone becomes
-            ``"custom"``. Named timm models need no object: ``backbone="timm/<name>"``.
-            Such encoders serve the visual-only model, so they need ``use_cnc=False``.
+        encoder: A custom frozen backbone object, used instead of ``config.backbone``
+            (which becomes ``"custom"``): an open_clip CLIP model, a
+            [`FrozenEncoder`][cncad.encoders.base.FrozenEncoder] such as
+            [`TimmEncoder`][cncad.encoders.timm.TimmEncoder], or a timm model (wrapped with
+            the config's ``image_size``, ``layers`` and ``num_taps``). Encoders without a
+            text tower serve the visual-only model, so they need ``use_cnc=False``. Named
+            models need no object: ``backbone="ViT-B-16"``, ``backbone="timm/<name>"``.
+        tokenizer: The tokenizer of a CLIP ``encoder`` (default: the CLIP BPE tokenizer).
+        clip_model: Deprecated spelling of ``encoder``; still accepted.
         **overrides: Fields of [`CNCConfig`][cncad.config.CNCConfig] to change, e.g. ``epochs=10``.
 
     Attributes:
@@ -79,54 +92,56 @@ class CNCDetector:
         threshold: Image score from which [`predict`][cncad.detector.CNCDetector.predict] labels an
             image anomalous, or None.
         pixel_threshold: Map value from which a pixel is anomalous (default: ``threshold``).
-        epochs_trained: Epochs run so far over all [`fit`][cncad.detector.CNCDetector.fit] calls.
-        history: One dict per epoch: ``epoch``, the mean loss terms, and ``seconds`` (wall
-            time of the epoch, without filling the feature cache).
         cache_stats: After a [`fit`][cncad.detector.CNCDetector.fit] with the feature cache:
             ``images``, ``bytes_per_image``, ``in_memory`` and ``build_seconds``; else None.
 
     Raises:
-        ValueError: ``use_cnc=True`` with an encoder that has no text tower, or
-            ``backbone="custom"`` without the object.
+        ValueError: ``use_cnc=True`` with an encoder that has no text tower,
+            ``backbone="custom"`` without the object, or both ``encoder`` and ``clip_model``.
     """
 
     def __init__(
         self,
         config: CNCConfig | None = None,
         *,
-        clip_model: nn.Module | None = None,
-        tokenizer: Any = None,
         encoder: nn.Module | None = None,
+        tokenizer: Any = None,
+        clip_model: nn.Module | None = None,
         **overrides: Any,
     ) -> None:
         config = config or CNCConfig()
         if overrides:
             config = config.replace(**overrides)
-        from cncad.encoders import FrozenEncoder
-
-        is_clip = hasattr(clip_model, "visual") and not isinstance(clip_model, FrozenEncoder)
-        if clip_model is not None and encoder is None and not is_clip:
-            clip_model, encoder = None, clip_model  # an encoder or timm model, not CLIP
-        if clip_model is not None or encoder is not None:
+        encoder = _one_backbone(encoder, clip_model)
+        if encoder is not None:
             config = config.replace(backbone=_CUSTOM_BACKBONE, pretrained=None)
         elif config.backbone == _CUSTOM_BACKBONE:
-            raise ValueError(
-                "backbone='custom' needs the model object: pass clip_model=... or encoder=..."
-            )
+            raise ValueError("backbone='custom' needs the model object: pass encoder=...")
         self.config = config
         self.device = _resolve_device(config.device)
+        clip, frozen = _split_backbone(encoder)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.model = CNCModel(
-                config, clip_model=clip_model, tokenizer=tokenizer, encoder=encoder
-            )
+            self.model = CNCModel(config, clip_model=clip, tokenizer=tokenizer, encoder=frozen)
         self.model.to(self.device).eval()
         self.threshold: float | None = None
         self.pixel_threshold: float | None = None
-        self.epochs_trained = 0
-        self.history: list[dict[str, float]] = []
         self.cache_stats: dict[str, Any] | None = None
-        self._optimizer: torch.optim.Optimizer | None = None
+        self._trainer = Trainer(self.model, self.device)
+        self._activity = _Activity()
+
+    @property
+    def epochs_trained(self) -> int:
+        """Epochs run so far over all [`fit`][cncad.detector.CNCDetector.fit] calls (and runs)."""
+        return self._trainer.state.epochs_trained
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """One dict per epoch: ``epoch``, the mean loss terms, ``grad_norm`` and ``seconds``.
+
+        ``seconds`` is the wall time of the epoch, without filling the feature cache.
+        """
+        return self._trainer.state.history
 
     # ------------------------------------------------------------------ training
     def fit(
@@ -139,6 +154,8 @@ class CNCDetector:
         cache_dir: str | os.PathLike | None = None,
         cache_memory_gib: float = 4.0,
         cache_dtype: torch.dtype = torch.float16,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
     ) -> CNCDetector:
         """Train the prompts, fusion, MoE and decoder on normal images.
 
@@ -155,194 +172,86 @@ class CNCDetector:
         [`epoch_permutation`][cncad.data.cache.epoch_permutation] in batches of
         ``config.batch_size``.
 
+        **Checkpoints and resume.** With ``checkpoint_dir``, ``DIR/last.ckpt`` is replaced
+        atomically after every ``checkpoint_every`` epochs and after the last one: the
+        trainable weights, Adam's state, the epochs done, the history, the config and the
+        thresholds (the random state needs no saving: see
+        [`cncad.training`][cncad.training]). ``CNCDetector.load(DIR/last.ckpt).fit(data)``
+        continues the run, and gives the same weights, bit for bit on the CPU, as a run
+        that never stopped. A run stopped mid-epoch (an exception, Ctrl-C, SIGTERM) leaves
+        the last checkpoint intact and no feature-cache files behind.
+
         Args:
             data: A DataLoader or Dataset of preprocessed images (items/batches as produced
                 by [`AnomalyFolder`][cncad.data.folder.AnomalyFolder]: dicts with ``"image"`` and
                 optionally ``"label"``; ``(image, label, ...)`` tuples; or image tensors), or an
                 MVTec layout folder: one category root or a root of several categories, all
                 trained together. Only normal images (label 0) are used.
-            epochs: Epochs to run now (default ``config.epochs``). A second call continues
-                training; the epoch count used by eq. 11 carries on.
+            epochs: Epochs to run now. Default: the rest of ``config.epochs``
+                (``config.epochs - epochs_trained``), which finishes a resumed run. The epoch
+                count (eq. 11's schedule, seeds, data order) carries on over calls.
             progress: Show tqdm progress bars with the loss terms.
             cache: Compute the frozen encoder's features once and train from them.
             cache_dir: Folder for the memory-mapped cache files when the cache does not
                 fit in ``cache_memory_gib`` (default: the system's temporary folder).
-                The files are deleted when ``fit`` returns.
+                The files are deleted when ``fit`` returns or stops.
             cache_memory_gib: Largest cache kept in memory, in GiB.
             cache_dtype: Storage type of the cache, ``torch.float16`` or ``torch.float32``
                 (computation is float32 either way).
+            checkpoint_dir: Folder for ``last.ckpt`` (created if needed; checked before
+                any work starts). None writes no checkpoint.
+            checkpoint_every: Write the checkpoint after every this many epochs (counted
+                over the whole run, so a resumed run keeps the cadence).
 
         Returns:
             ``self``.
+
+        Raises:
+            NonFiniteError: A loss or gradient became NaN or infinite; the weights are
+                those after the last good step, and the last checkpoint is untouched.
+            TrainingBusyError: The detector is in use by another thread.
         """
         cfg = self.config
-        epochs = cfg.epochs if epochs is None else epochs
-        if epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {epochs}")
-        source = self._train_source(data)
-        if self._optimizer is None:
-            self._optimizer = torch.optim.Adam(
-                self.model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-            )
-        feature_cache = None
-        if cache and epochs > 0:
-            start = time.perf_counter()
-            feature_cache = self._build_cache(
-                source, cache_dir, cache_memory_gib, cache_dtype, progress
-            )
-            self.cache_stats = {
-                "images": len(feature_cache),
-                "bytes_per_image": feature_cache.bytes_per_image,
-                "in_memory": feature_cache.in_memory,
-                "build_seconds": time.perf_counter() - start,
-            }
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(cfg.seed + self.epochs_trained)
-                self.model.train()
-                epoch_bar = tqdm(
-                    range(self.epochs_trained, self.epochs_trained + epochs),
-                    desc="fit",
-                    unit="epoch",
-                    disable=not progress,
+        epochs = _count(epochs, "epochs", 0) if epochs is not None else None
+        checkpoint_every = _count(checkpoint_every, "checkpoint_every", 1)
+        if epochs is None:
+            epochs = max(cfg.epochs - self.epochs_trained, 0)
+            if epochs == 0 and self.epochs_trained > 0:
+                warnings.warn(
+                    f"the detector has already trained config.epochs={cfg.epochs} epochs; "
+                    "pass epochs=N to train N more",
+                    stacklevel=2,
                 )
-                for epoch in epoch_bar:
-                    if feature_cache is not None:
-                        order = epoch_permutation(len(feature_cache), cfg.seed, epoch)
-                        batches: Iterable = feature_cache.batches(
-                            cfg.batch_size, order, self.device
-                        )
-                        total = math.ceil(len(feature_cache) / cfg.batch_size)
-                    else:
-                        batches = self._encoded_batches(source, epoch)
-                        total = _num_batches(source, cfg.batch_size)
-                    start = time.perf_counter()
-                    means = self._train_epoch(batches, epoch, progress, total)
-                    seconds = time.perf_counter() - start
-                    self.history.append({"epoch": float(epoch), **means, "seconds": seconds})
-                    self.epochs_trained = epoch + 1
-                    epoch_bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
-        finally:
-            self.model.eval()
-            if feature_cache is not None:
-                feature_cache.close()
-        return self
-
-    def _train_epoch(
-        self, batches: Iterable, epoch: int, progress: bool, total: int | None
-    ) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        steps = 0
-        bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress, total=total)
-        for features in bar:
-            with self._autocast():
-                terms = self.model.loss(self.model.forward_features(features), epoch)
-            self._optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            self._optimizer.step()
-            values = terms.as_floats()
-            if not math.isfinite(values["total"]):
-                raise FloatingPointError(f"training diverged at epoch {epoch}: {values}")
-            for key, value in values.items():
-                totals[key] = totals.get(key, 0.0) + value
-            steps += 1
-            bar.set_postfix(loss=f"{values['total']:.4f}")
-        if steps == 0:
-            raise ValueError("the training data holds no normal images (label 0)")
-        return {key: value / steps for key, value in totals.items()}
-
-    def _train_source(self, data: Any) -> DataLoader | Dataset:
+        checkpoint = None
+        if checkpoint_dir is not None:
+            folder = check_output_dir(checkpoint_dir, what="checkpoint_dir")
+            checkpoint = folder / CHECKPOINT_NAME
         if isinstance(data, (str, os.PathLike)):
-            data = AnomalyFolder(data, split="train", image_size=self.config.image_size)
-        if isinstance(data, (DataLoader, Dataset)):
-            return data
-        raise TypeError(
-            f"fit expects a DataLoader, a Dataset or a folder path, got {type(data).__name__}"
-        )
-
-    def _image_batches(self, source: DataLoader | Dataset, epoch: int | None) -> Iterator[Tensor]:
-        """Normal images on the device, in the epoch's order (stored order if None)."""
-        loader = source
-        if isinstance(source, Dataset):
-            order = None
-            if epoch is not None:
-                order = epoch_permutation(len(source), self.config.seed, epoch).tolist()
-            loader = DataLoader(
-                source,
-                batch_size=self.config.batch_size,
-                sampler=order,
-                num_workers=self.config.num_workers,
-                # Its own generator: drawing worker seeds from the global one would shift
-                # the training-noise stream between the cached and uncached paths.
-                generator=torch.Generator().manual_seed(self.config.seed),
+            data = AnomalyFolder(data, split="train", image_size=cfg.image_size)
+        if not isinstance(data, (DataLoader, Dataset)):
+            raise TypeError(
+                f"fit expects a DataLoader, a Dataset or a folder path, got {type(data).__name__}"
             )
-        for batch in loader:
-            images = self._normal_images(batch)
-            if images is not None:
-                yield images
 
-    def _encode(self, images: Tensor) -> Any:
-        """The frozen encoder's features, under the same autocast as training."""
-        with self._autocast():
-            return self.model.encode(images)
+        def on_epoch_end(done: int) -> None:
+            if checkpoint is not None and (done % checkpoint_every == 0 or done == last):
+                self._write(checkpoint, kind="checkpoint")
 
-    def _encoded_batches(self, source: DataLoader | Dataset, epoch: int) -> Iterator[Any]:
-        for images in self._image_batches(source, epoch):
-            yield self._encode(images)  # outside autocast: the consumer sets its own
-
-    def _build_cache(
-        self,
-        source: DataLoader | Dataset,
-        directory: str | os.PathLike | None,
-        memory_gib: float,
-        dtype: torch.dtype,
-        progress: bool,
-    ) -> FeatureCache:
-        max_images = _num_items(source) if isinstance(source, DataLoader) else len(source)
-        try:
-            return FeatureCache.build(
-                self._encode,
-                self._image_batches(source, epoch=None),
-                max_images,
-                dtype=dtype,
-                memory_limit_gib=memory_gib,
-                directory=directory,
+        last = self.epochs_trained + epochs
+        with self._activity.fitting():
+            stats = self._trainer.fit(
+                data,
+                epochs,
                 progress=progress,
+                cache=cache,
+                cache_dir=cache_dir,
+                cache_memory_gib=cache_memory_gib,
+                cache_dtype=cache_dtype,
+                on_epoch_end=on_epoch_end,
             )
-        except DatasetError:
-            raise DatasetError("the training data holds no normal images (label 0)") from None
-
-    def _normal_images(self, batch: Any) -> Tensor | None:
-        labels = None
-        if isinstance(batch, dict):
-            if "image" not in batch:
-                raise KeyError("batches given as dicts need an 'image' entry")
-            images, labels = batch["image"], batch.get("label")
-        elif isinstance(batch, (list, tuple)):
-            images = batch[0]
-            if len(batch) > 1 and isinstance(batch[1], Tensor) and batch[1].ndim == 1:
-                labels = batch[1]
-        else:
-            images = batch
-        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"expected image batches of shape (B, 3, H, W), got {shape}")
-        if labels is not None:
-            images = images[torch.as_tensor(labels).reshape(-1) == 0]
-            if len(images) == 0:
-                return None
-        return self._to_model_size(images.to(self.device, torch.float32))
-
-    def _to_model_size(self, images: Tensor) -> Tensor:
-        size = self.config.image_size
-        if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
-        return images
-
-    def _autocast(self) -> torch.autocast:
-        enabled = self.config.bf16 and self.device.type == "cuda"
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        if stats is not None:
+            self.cache_stats = dataclasses.asdict(stats)
+        return self
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -360,19 +269,23 @@ class CNCDetector:
             [`Prediction`][cncad.detector.Prediction] on the CPU. Maps are computed at the model
             resolution (``image_size``, where ``sigma`` applies) and resized bilinearly to each
             input's own size; the image score is taken before that resize.
+
+        Raises:
+            TrainingBusyError: ``fit`` is running on this detector in another thread.
         """
-        self.model.eval()
-        pictures = to_image_tensor(images)
-        batch_size = batch_size or self.config.batch_size
-        scores, maps = [], []
-        for start in range(0, len(pictures), batch_size):
-            chunk = pictures[start : start + batch_size]
-            batch = preprocess(chunk, self.config.image_size).to(self.device)
-            with self._autocast():
-                chunk_maps, chunk_scores = self.model.predict(batch)
-            scores.append(chunk_scores.float().cpu())
-            for picture, amap in zip(chunk, chunk_maps.float().cpu(), strict=True):
-                maps.append(_resize_map(amap, tuple(picture.shape[-2:])))
+        with self._activity.reading("predict"):
+            self.model.eval()
+            pictures = to_image_tensor(images)
+            batch_size = batch_size or self.config.batch_size
+            scores, maps = [], []
+            for start in range(0, len(pictures), batch_size):
+                chunk = pictures[start : start + batch_size]
+                batch = preprocess(chunk, self.config.image_size).to(self.device)
+                with autocast_for(self.device, self.config.bf16):
+                    chunk_maps, chunk_scores = self.model.predict(batch)
+                scores.append(chunk_scores.float().cpu())
+                for picture, amap in zip(chunk, chunk_maps.float().cpu(), strict=True):
+                    maps.append(_resize_map(amap, tuple(picture.shape[-2:])))
         pred_score = torch.cat(scores)
         same_size = len({m.shape for m in maps}) == 1
         anomaly_map: Tensor | list[Tensor] = torch.stack(maps) if same_size else maps
@@ -409,6 +322,9 @@ class CNCDetector:
         Returns:
             ``{"per_category": {name: {metric: value, "n_images": n}}, "mean": {...}}``
             (see [`AnomalyEvaluator`][cncad.evaluation.AnomalyEvaluator]).
+
+        Raises:
+            TrainingBusyError: ``fit`` is running on this detector in another thread.
         """
         cfg = self.config
         if isinstance(data, (str, os.PathLike)):
@@ -417,76 +333,91 @@ class CNCDetector:
             data = DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
         if not isinstance(data, DataLoader):
             raise TypeError(f"evaluate expects a DataLoader, Dataset or folder, got {type(data)}")
-        self.model.eval()
         evaluator = AnomalyEvaluator()
-        bar = tqdm(desc="evaluate", unit="img", disable=not progress, total=_num_items(data))
-        for batch in data:
-            if not isinstance(batch, dict) or not {"image", "label", "mask"} <= set(batch):
-                raise ValueError("evaluation batches must be dicts with image, label and mask")
-            images = self._to_model_size(batch["image"].to(self.device, torch.float32))
-            with self._autocast():
-                maps, scores = self.model.predict(images)
-            maps = F.interpolate(
-                maps.float().unsqueeze(1), size=(eval_size, eval_size), mode="bilinear"
-            ).squeeze(1)
-            masks = batch["mask"]
-            masks = masks.squeeze(1) if masks.ndim == 4 else masks
-            masks = resize_mask(masks > 0, eval_size)
-            categories = batch.get("category", ["all"] * len(images))
-            evaluator.update(scores.float().cpu(), batch["label"], maps.cpu(), masks, categories)
-            bar.update(len(images))
-        bar.close()
+        with self._activity.reading("evaluate"):
+            self.model.eval()
+            bar = tqdm(desc="evaluate", unit="img", disable=not progress, total=_num_items(data))
+            for batch in data:
+                if not isinstance(batch, dict) or not {"image", "label", "mask"} <= set(batch):
+                    raise ValueError("evaluation batches must be dicts with image, label and mask")
+                images = model_input(batch["image"], cfg.image_size, self.device)
+                with autocast_for(self.device, cfg.bf16):
+                    maps, scores = self.model.predict(images)
+                maps = F.interpolate(
+                    maps.float().unsqueeze(1), size=(eval_size, eval_size), mode="bilinear"
+                ).squeeze(1)
+                masks = batch["mask"]
+                masks = masks.squeeze(1) if masks.ndim == 4 else masks
+                masks = resize_mask(masks > 0, eval_size)
+                categories = batch.get("category", ["all"] * len(images))
+                evaluator.update(
+                    scores.float().cpu(), batch["label"], maps.cpu(), masks, categories
+                )
+                bar.update(len(images))
+            bar.close()
         return evaluator.compute()
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Save the configuration and the trained weights (not the frozen CLIP weights).
+        """Save the configuration and the trained weights (not the frozen encoder weights).
 
-        The file holds only tensors and plain Python values, so it loads with
-        ``torch.load(..., weights_only=True)``.
+        The file ([format][cncad.checkpoint]) holds only tensors and plain Python values,
+        so it loads with ``torch.load(..., weights_only=True)``, and a checksum that
+        [`load`][cncad.detector.CNCDetector.load] verifies. It is written atomically: a
+        failing save leaves an existing file as it was. A checkpoint written by ``fit``
+        holds the optimizer state as well; this file does not (load a checkpoint to
+        continue a run exactly).
 
         Args:
             path: Destination file (conventionally ``*.cnc``).
 
         Returns:
             The path written.
+
+        Raises:
+            NonFiniteError: A weight is NaN or infinite (nothing is written).
+            TrainingBusyError: ``fit`` is running on this detector in another thread.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "format": _FILE_FORMAT,
-            "format_version": _FILE_FORMAT_VERSION,
-            "cncad_version": __version__,
-            "config": self.config.to_dict(),
-            "state_dict": {
-                k: v.detach().cpu() for k, v in self.model.trainable_state_dict().items()
-            },
-            "threshold": self.threshold,
-            "pixel_threshold": self.pixel_threshold,
-            "epochs_trained": self.epochs_trained,
-            "history": self.history,
-        }
-        torch.save(payload, path)
-        return path
+        with self._activity.reading("save"):
+            return self._write(Path(path), kind="detector")
+
+    def _write(self, path: Path, kind: str) -> Path:
+        optimizer_state = self._trainer.optimizer_state_dict() if kind == "checkpoint" else None
+        contents = DetectorFile(
+            config=self.config,
+            state_dict=self.model.trainable_state_dict(),
+            threshold=self.threshold,
+            pixel_threshold=self.pixel_threshold,
+            epochs_trained=self.epochs_trained,
+            history=self.history,
+            kind=kind,
+            optimizer_state=optimizer_state,
+        )
+        return write_detector_file(path, contents)
 
     @classmethod
     def load(
         cls,
         path: str | os.PathLike,
         *,
-        clip_model: nn.Module | None = None,
+        encoder: nn.Module | None = None,
         tokenizer: Any = None,
+        clip_model: nn.Module | None = None,
         **overrides: Any,
     ) -> CNCDetector:
-        """Load a detector written by [`save`][cncad.detector.CNCDetector.save].
+        """Load a detector file ([`save`][cncad.detector.CNCDetector.save]) or a checkpoint.
 
         The frozen backbone is rebuilt from the saved configuration (or taken from
-        ``clip_model`` for detectors trained on a custom model object).
+        ``encoder`` for detectors trained on a custom model object). A checkpoint also
+        restores the optimizer state, so that [`fit`][cncad.detector.CNCDetector.fit]
+        continues the run exactly.
 
         Args:
-            path: A file written by [`save`][cncad.detector.CNCDetector.save].
-            clip_model: The backbone object, required when the detector was built with one.
+            path: A file written by [`save`][cncad.detector.CNCDetector.save] or by ``fit``
+                with ``checkpoint_dir``.
+            encoder: The backbone object, required when the detector was built with one.
             tokenizer: Its tokenizer.
+            clip_model: Deprecated spelling of ``encoder``.
             **overrides: Config fields to change on load that do not affect the weights,
                 such as ``device`` or ``sigma``.
 
@@ -495,50 +426,27 @@ class CNCDetector:
 
         Raises:
             FileNotFoundError: If ``path`` does not exist.
-            ModelFileError: (a ``ValueError``) If the file is not a detector file.
+            ModelFileError: (a ``ValueError``) If the file is not a detector file, is
+                damaged (its checksum does not match), or its weights do not fit its
+                configuration; one line says which.
             ModelVersionError: (a ``ModelFileError``) If it was written in a file format
                 or with a configuration that this version of cncad cannot read.
         """
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"model file not found: {path}")
-        if path.is_dir():
-            raise ModelFileError(f"{path} is a directory, not a cncad detector file")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except OSError:
-            raise
-        except Exception as error:  # torch.load fails in many ways on foreign files
-            raise ModelFileError(
-                f"{path} is not a cncad detector file (torch.load cannot read it as a "
-                f"file of plain tensors: {type(error).__name__})"
-            ) from error
-        if not isinstance(payload, dict) or payload.get("format") != _FILE_FORMAT:
-            raise ModelFileError(f"{path} is not a cncad detector file")
-        if payload.get("format_version") != _FILE_FORMAT_VERSION:
-            raise ModelVersionError(
-                f"{path} has file format version {payload.get('format_version')} "
-                f"(written by cncad {payload.get('cncad_version')}); this cncad "
-                f"({__version__}) reads version {_FILE_FORMAT_VERSION}"
-            )
-        try:
-            config = CNCConfig.from_dict(payload["config"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise ModelVersionError(
-                f"{path} holds a configuration this cncad ({__version__}) cannot read "
-                f"(written by cncad {payload.get('cncad_version')}): {error}"
-            ) from error
-        if overrides:
-            config = config.replace(**overrides)
-        if config.backbone == _CUSTOM_BACKBONE and clip_model is None:
-            raise ValueError(f"{path} was trained on a custom backbone: pass clip_model=...")
-        detector = cls(config, clip_model=clip_model, tokenizer=tokenizer)
-        detector.model.load_trainable_state_dict(payload["state_dict"])
+        contents = read_detector_file(path)
+        config = contents.config.replace(**overrides) if overrides else contents.config
+        encoder = _one_backbone(encoder, clip_model)
+        if config.backbone == _CUSTOM_BACKBONE and encoder is None:
+            raise ValueError(f"{path} was trained on a custom backbone: pass encoder=...")
+        detector = cls(config, encoder=encoder, tokenizer=tokenizer)
+        load_trainable_weights(detector.model, contents.state_dict, path)
         detector.model.to(detector.device).eval()
-        detector.threshold = payload["threshold"]
-        detector.pixel_threshold = payload["pixel_threshold"]
-        detector.epochs_trained = payload["epochs_trained"]
-        detector.history = list(payload["history"])
+        detector.threshold = contents.threshold
+        detector.pixel_threshold = contents.pixel_threshold
+        state = TrainingState(contents.epochs_trained, contents.history, contents.optimizer_state)
+        try:
+            detector._trainer = Trainer(detector.model, detector.device, state)
+        except ValueError as error:
+            raise ModelFileError(f"{path} is damaged: {error}") from error
         return detector
 
     def __repr__(self) -> str:
@@ -547,6 +455,85 @@ class CNCDetector:
             f"device={self.device}, epochs_trained={self.epochs_trained}, "
             f"threshold={self.threshold})"
         )
+
+
+class _Activity:
+    """Keeps ``fit`` apart from ``predict``/``evaluate``/``save`` running in other threads.
+
+    Any number of readers may run together; ``fit`` runs alone. Conflicts are errors, not
+    waits: a caller who starts ``predict`` during a long ``fit`` should hear so at once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fitting = False
+        self._readers = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # a copy (copy.deepcopy, pickle) of a detector starts idle
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+
+    @contextlib.contextmanager
+    def fitting(self) -> Iterator[None]:
+        with self._lock:
+            if self._fitting:
+                raise TrainingBusyError("fit is already running on this detector")
+            if self._readers:
+                raise TrainingBusyError(
+                    "this detector is predicting, evaluating or saving in another thread; "
+                    "call fit after that returns"
+                )
+            self._fitting = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._fitting = False
+
+    @contextlib.contextmanager
+    def reading(self, what: str) -> Iterator[None]:
+        with self._lock:
+            if self._fitting:
+                raise TrainingBusyError(
+                    f"{what} was called while fit is running on this detector in another "
+                    f"thread; call it after fit returns, or {what} with a second detector "
+                    "loaded from a checkpoint"
+                )
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._readers -= 1
+
+
+def _one_backbone(encoder: nn.Module | None, clip_model: nn.Module | None) -> nn.Module | None:
+    if clip_model is None:
+        return encoder
+    if encoder is not None:
+        raise ValueError("pass the backbone once, as encoder=... (clip_model= is its old name)")
+    warnings.warn(
+        "clip_model= is deprecated; pass the same object as encoder=", DeprecationWarning, 3
+    )
+    return clip_model
+
+
+def _split_backbone(encoder: nn.Module | None) -> tuple[nn.Module | None, nn.Module | None]:
+    """``(clip_model, encoder)`` for CNCModel: open_clip models go to the first slot."""
+    from cncad.encoders import FrozenEncoder
+
+    is_clip = hasattr(encoder, "visual") and not isinstance(encoder, FrozenEncoder)
+    return (encoder, None) if is_clip else (None, encoder)
+
+
+def _count(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -562,15 +549,6 @@ def _resize_map(amap: Tensor, size: Sequence[int]) -> Tensor:
     if tuple(amap.shape[-2:]) == tuple(size):
         return amap
     return F.interpolate(amap[None, None], size=tuple(size), mode="bilinear").squeeze(0).squeeze(0)
-
-
-def _num_batches(source: DataLoader | Dataset, batch_size: int) -> int | None:
-    try:
-        if isinstance(source, DataLoader):
-            return len(source)
-        return math.ceil(len(source) / batch_size)  # type: ignore[arg-type]
-    except TypeError:  # iterable-style data without a length
-        return None
 
 
 def _num_items(loader: DataLoader) -> int | None:

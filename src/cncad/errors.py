@@ -11,7 +11,14 @@ also derives from [`CNCADError`][cncad.errors.CNCADError].
 
 from __future__ import annotations
 
-__all__ = ["CNCADError", "DatasetError", "ModelFileError", "ModelVersionError"]
+__all__ = [
+    "CNCADError",
+    "DatasetError",
+    "ModelFileError",
+    "ModelVersionError",
+    "NonFiniteError",
+    "TrainingBusyError",
+]
 
 
 class CNCADError(Exception):
@@ -31,3 +38,20 @@ class ModelFileError(CNCADError, ValueError):
 
 class ModelVersionError(ModelFileError):
     """A detector file was written in a file format that this cncad cannot read."""
+
+
+class NonFiniteError(CNCADError, FloatingPointError):
+    """Training produced a NaN or infinite loss or gradient, or weights that are not finite.
+
+    Raised before the optimizer step that would have written them, so the model keeps the
+    weights it had after the last good step; files are never written with such weights.
+    """
+
+
+class TrainingBusyError(CNCADError, RuntimeError):
+    """A detector was asked to predict, evaluate, save or fit while it is being trained.
+
+    [`CNCDetector.fit`][cncad.detector.CNCDetector.fit] switches the model between training
+    and eval mode; a call from another thread at the same time would silently change what
+    either of them computes.
+    """

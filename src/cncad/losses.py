@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cncad._precision import at_least_float32, float32
+
 __all__ = [
     "LossTerms",
     "alignment_loss",
@@ -32,7 +34,8 @@ def distillation_loss(encoded: Sequence[Tensor], decoded: Sequence[Tensor]) -> T
     Args:
         encoded: Per layer ``(B, L, C)`` promoted encoded features f*_i. The encoder is
             frozen, but f*_i depends on the learned prompts through Ψ, so gradients reach
-            the prompts from both sides.
+            the prompts from both sides, unless the text features were detached
+            (``CNCConfig.detach_text_anchors``, the default).
         decoded: Per layer ``(B, L, C)`` promoted decoded features f̂*_i.
 
     Returns:
@@ -40,13 +43,15 @@ def distillation_loss(encoded: Sequence[Tensor], decoded: Sequence[Tensor]) -> T
     """
     if len(encoded) != len(decoded):
         raise ValueError(f"{len(encoded)} encoded vs {len(decoded)} decoded layers")
-    per_layer = [
-        1.0 - F.cosine_similarity(_at_least_fp32(e.flatten(1)), _at_least_fp32(d.flatten(1)), dim=1)
+    flat = [
+        (at_least_float32(e.flatten(1)), at_least_float32(d.flatten(1)))
         for e, d in zip(encoded, decoded, strict=True)
-    ]
+    ]  # (B, L * C) pairs
+    per_layer = [1.0 - F.cosine_similarity(e, d, dim=1) for e, d in flat]
     return torch.stack(per_layer, dim=0).sum(dim=0).mean()
 
 
+@float32
 def alignment_loss(
     global_features: Tensor, text_normal: Tensor, text_abnormal: Tensor, tau: float = 0.001
 ) -> Tensor:
@@ -55,6 +60,10 @@ def alignment_loss(
     ``Σ_i -log( exp(e_i·g_n^i/τ) / (exp(e_i·g_n^i/τ) + exp(e_i·g_a^i/τ)) )``: a two-way
     softmax cross-entropy towards "normal" per layer, summed over layers and averaged over
     the batch (training images are all normal).
+
+    The 1/τ factor (1000 at the paper's τ) magnifies rounding errors, so it runs in float32
+    with autocast off (half-precision inputs are upcast), and uses ``logsumexp``, as the
+    logits reach ±1/τ.
 
     Args:
         global_features: ``(B, N, D)`` unit global features e_i of the N layers.
@@ -65,19 +74,23 @@ def alignment_loss(
     Returns:
         Scalar tensor.
     """
-    # the 1/τ = 1000 factor magnifies rounding errors: compute in at least float32
-    global_features = _at_least_fp32(global_features)
-    normal = (global_features * text_normal.to(global_features.dtype)).sum(-1) / tau  # (B, N)
-    abnormal = (global_features * text_abnormal.to(global_features.dtype)).sum(-1) / tau
+    normal = (global_features * text_normal).sum(-1) / tau  # (B, N)
+    abnormal = (global_features * text_abnormal).sum(-1) / tau
     logits = torch.stack([normal, abnormal], dim=-1)
     # -log softmax(logits)[normal], computed stably
     return (torch.logsumexp(logits, dim=-1) - logits[..., 0]).sum(dim=-1).mean()
 
 
 def constraint_loss(
-    encoder_alignment: Tensor, decoder_alignment: Tensor, epoch: int, gamma: float, theta: int
+    encoder_alignment: Tensor,
+    decoder_alignment: Tensor,
+    epoch: int,
+    gamma: float,
+    theta: int,
+    *,
+    ramp_epochs: int = 0,
 ) -> Tensor:
-    """Cross-modal constraint loss (eq. 11).
+    """Cross-modal constraint loss (eq. 11), optionally with γ ramped in.
 
     Args:
         encoder_alignment: L_c^1 (eq. 4).
@@ -85,13 +98,25 @@ def constraint_loss(
         epoch: The 0-based training epoch.
         gamma: Weight γ of L_c^2.
         theta: First epoch ϑ at which L_c^2 is added.
+        ramp_epochs: 0 (the paper): γ applies in full from epoch ϑ. ``R > 0``: the
+            weight grows linearly, ``γ · min(1, (epoch - ϑ + 1) / R)``, so it is γ/R at
+            epoch ϑ and reaches γ at epoch ϑ + R - 1.
 
     Returns:
-        ``L_c^1`` before epoch ϑ, ``L_c^1 + γ L_c^2`` from it on.
+        ``L_c^1`` before epoch ϑ, ``L_c^1 + w L_c^2`` from it on, with ``w = γ`` without
+        a ramp.
+
+    Raises:
+        ValueError: ``ramp_epochs`` is negative.
     """
+    if ramp_epochs < 0:
+        raise ValueError(f"ramp_epochs must be >= 0, got {ramp_epochs}")
     if epoch < theta:
         return encoder_alignment
-    return encoder_alignment + gamma * decoder_alignment
+    weight = gamma
+    if ramp_epochs > 0:
+        weight = gamma * min(1.0, (epoch - theta + 1) / ramp_epochs)
+    return encoder_alignment + weight * decoder_alignment
 
 
 class LossTerms(NamedTuple):
@@ -116,11 +141,6 @@ class LossTerms(NamedTuple):
     def as_floats(self) -> dict[str, float]:
         """The terms as plain floats keyed by name."""
         return {name: float(value.detach()) for name, value in self._asdict().items()}
-
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    """Upcast half precision to float32 and leave float32/float64 as they are."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def total_loss(distill: Tensor, constraint: Tensor, moe: Tensor) -> Tensor:

@@ -58,8 +58,10 @@ class CNCOutput(NamedTuple):
         encoded_global: ``(B, N, D)`` unit global features e_i of the encoder, or None
             without CNC.
         decoded_global: ``(B, N, D)`` unit global features ê_i of the decoder, or None.
-        text_normal: ``(N, D)`` normal text features g_n^i, or None.
-        text_abnormal: ``(N, D)`` abnormal text features g_a^i, or None.
+        text_normal: ``(N, D)`` normal text features g_n^i, or None; never detached (eq. 4
+            trains the prompts through them), even where the promotion used detached
+            copies (``config.detach_text_anchors``).
+        text_abnormal: ``(N, D)`` abnormal text features g_a^i, or None; as ``text_normal``.
         gates: ``(R, T)`` router distribution over all R tokens (R = B * (1 + L) with class
             tokens, B * L without), or None without MoE.
     """
@@ -263,12 +265,13 @@ class CNCModel(nn.Module):
             return CNCOutput(encoded, decoded, None, None, None, None, gates)
 
         text_normal, text_abnormal = self.prompt_learner()
+        anchor_normal, anchor_abnormal = self._text_anchors(text_normal, text_abnormal)
         encoded = [
-            self.promotion(f, self.encoder.project(f), text_normal[i], text_abnormal[i])
+            self.promotion(f, self.encoder.project(f), anchor_normal[i], anchor_abnormal[i])
             for i, f in enumerate(encoded)
         ]
         decoded = [
-            self.promotion(f, self.encoder.project(f), text_normal[i], text_abnormal[i])
+            self.promotion(f, self.encoder.project(f), anchor_normal[i], anchor_abnormal[i])
             for i, f in enumerate(decoded)
         ]
         encoded_global = torch.stack(
@@ -281,8 +284,23 @@ class CNCModel(nn.Module):
             encoded, decoded, encoded_global, decoded_global, text_normal, text_abnormal, gates
         )
 
+    def _text_anchors(self, text_normal: Tensor, text_abnormal: Tensor) -> tuple[Tensor, Tensor]:
+        """The text features where they serve as anchors (eqs. 5-8 and 10).
+
+        Detached with ``config.detach_text_anchors``, so that only eq. 4 trains the
+        prompts; see ``docs/design.md``, "Text anchors: which losses train the prompts".
+        """
+        if self.config.detach_text_anchors:
+            return text_normal.detach(), text_abnormal.detach()
+        return text_normal, text_abnormal
+
     def loss(self, output: CNCOutput, epoch: int) -> LossTerms:
         """All loss terms of one batch (eqs. 4, 9, 10, 11, 15, 16).
+
+        With ``config.detach_text_anchors`` the text features reach eq. 10 detached (as
+        they reach eqs. 5-8 in [`forward_features`][cncad.model.CNCModel.forward_features]),
+        so only eq. 4 moves the prompts. Eq. 11 ramps γ in over
+        ``config.gamma_ramp_epochs`` epochs (0: the paper's step).
 
         Args:
             output: The forward output in training mode.
@@ -298,10 +316,20 @@ class CNCModel(nn.Module):
             align_enc = alignment_loss(
                 output.encoded_global, output.text_normal, output.text_abnormal, cfg.tau
             )
-            align_dec = alignment_loss(
-                output.decoded_global, output.text_normal, output.text_abnormal, cfg.tau
+            anchor_normal, anchor_abnormal = self._text_anchors(
+                output.text_normal, output.text_abnormal
             )
-            constraint = constraint_loss(align_enc, align_dec, epoch, cfg.gamma, cfg.theta)
+            align_dec = alignment_loss(
+                output.decoded_global, anchor_normal, anchor_abnormal, cfg.tau
+            )
+            constraint = constraint_loss(
+                align_enc,
+                align_dec,
+                epoch,
+                cfg.gamma,
+                cfg.theta,
+                ramp_epochs=cfg.gamma_ramp_epochs,
+            )
         else:
             align_enc = align_dec = constraint = zero
         moe = zero

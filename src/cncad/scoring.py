@@ -72,7 +72,6 @@ between two exact ways of computing the same products.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
@@ -81,6 +80,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from cncad._precision import autocast_disabled
 
 __all__ = [
     "BORDER_MODES",
@@ -457,13 +458,6 @@ def _parse_out_size(out_size: int | tuple[int, int]) -> tuple[int, int]:
     raise ValueError(f"out_size must be a positive int or a pair (H, W) of them, got {out_size!r}")
 
 
-def _no_autocast(device: torch.device):
-    try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except (RuntimeError, ValueError):  # pragma: no cover - backends without autocast
-        return contextlib.nullcontext()
-
-
 def anomaly_map(
     encoded: Sequence[Tensor],
     decoded: Sequence[Tensor],
@@ -578,7 +572,7 @@ def anomaly_map(
     assert batch is not None
 
     budget = _CHUNK_ELEMS_CPU if device.type == "cpu" else _CHUNK_ELEMS_OTHER
-    with _no_autocast(device):
+    with autocast_disabled(device):
         # 1) cosine similarity per layer, summed per grid size: (B, h, w) each.
         cos_sum: dict[tuple[int, int], Tensor] = {}
         count: dict[tuple[int, int], int] = {}

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cncad.files import save_image_atomic
+
 __all__ = ["colorize", "overlay", "save_panel"]
 
 # Control points of a perceptually ordered dark-blue -> cyan -> yellow -> red ramp.
@@ -81,10 +83,14 @@ def save_panel(
     vmin: float | None = None,
     vmax: float | None = None,
 ) -> Path:
-    """Save image | ground truth | anomaly map | overlay side by side as a PNG.
+    """Save image | ground truth | anomaly map | overlay side by side as a picture.
+
+    The file is replaced atomically (see [`atomic_write`][cncad.files.atomic_write]): a
+    failed save leaves an earlier file as it was.
 
     Args:
-        path: Output file.
+        path: Output file; its extension (normally ``.png``) chooses the format. Missing
+            folders are created.
         image: ``(H, W, 3)`` uint8 RGB image.
         amap: ``(H, W)`` anomaly map.
         mask: Optional ``(H, W)`` ground-truth mask; its panel is left out when None.
@@ -94,6 +100,9 @@ def save_panel(
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: The extension names no image format Pillow can write.
     """
     tiles = [np.asarray(image, dtype=np.uint8)]
     if mask is not None:
@@ -111,7 +120,4 @@ def save_panel(
     picture = Image.fromarray(canvas)
     if title:
         ImageDraw.Draw(picture).text((2, 1), title, fill=(0, 0, 0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
-    return path
+    return save_image_atomic(picture, path)

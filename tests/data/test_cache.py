@@ -1,3 +1,10 @@
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -7,7 +14,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from cncad import CNCDetector
-from cncad.data import FeatureCache, epoch_permutation
+from cncad.data.cache import FeatureCache, epoch_permutation, remove_stale_cache_files
+from cncad.encoders.base import EncoderFeatures
 
 
 class Features(NamedTuple):
@@ -159,3 +167,170 @@ def test_cache_reads_a_dataloader_once_and_skips_defective_images():
     detector = _train(True, loader)
     assert detector.epochs_trained == 2
     assert len(reads) == 6  # one pass over the loader for two epochs
+
+
+# ---------------------------------------------------------------- cache files and cleanup
+CACHE_FILE = re.compile(r"cncad-features-([A-Za-z0-9_.]+)-([0-9]+)-[0-9a-f]{32}\.f(16|32)")
+
+
+def cache_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("cncad-features-*"))
+
+
+@pytest.fixture(scope="module")
+def this_host(tmp_path_factory) -> str:
+    """The host part of the file names that this process writes."""
+    folder = tmp_path_factory.mktemp("host")
+    _, batches = image_batches(2, 2)
+    cache = FeatureCache.build(
+        fake_encode, batches, 2, memory_limit_gib=0, directory=folder, progress=False
+    )
+    names = [path.name for path in cache_files(folder)]
+    cache.close()
+    assert len(names) == 4
+    matches = [CACHE_FILE.fullmatch(name) for name in names]
+    assert all(m is not None and m[2] == str(os.getpid()) and m[3] == "16" for m in matches)
+    assert len({m[1] for m in matches}) == 1
+    return matches[0][1]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def failing_encoder(error: BaseException, fail_at: int = 3):
+    calls = 0
+
+    def encode(images: Tensor) -> EncoderFeatures:
+        nonlocal calls
+        calls += 1
+        if calls == fail_at:
+            raise error
+        return EncoderFeatures(None, [torch.randn(len(images), 4, 8)])
+
+    return encode
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("encoder broke"), KeyboardInterrupt()], ids=["exception", "interrupt"]
+)
+def test_a_failed_build_deletes_the_files_it_created(error, tmp_path):
+    batches = [torch.zeros(2, 3, 4, 4)] * 4
+    created: list[list[Path]] = []
+    encode = failing_encoder(error)
+
+    def watching_encode(images: Tensor) -> EncoderFeatures:
+        created.append(cache_files(tmp_path))  # what exists before each call
+        return encode(images)
+
+    with pytest.raises(type(error)):
+        FeatureCache.build(
+            watching_encode, batches, 8, memory_limit_gib=0, directory=tmp_path, progress=False
+        )
+    assert len(created) == 3
+    assert len(created[2]) == 1  # the file cache existed when the encoder failed
+    assert cache_files(tmp_path) == []
+
+
+def test_a_build_without_images_leaves_no_files(tmp_path):
+    def empty_encode(images: Tensor) -> EncoderFeatures:
+        return EncoderFeatures(None, [torch.zeros(0, 4, 8)])
+
+    with pytest.raises(ValueError, match="no images"):
+        FeatureCache.build(
+            empty_encode,
+            [torch.zeros(0, 3, 4, 4)],
+            4,
+            memory_limit_gib=0,
+            directory=tmp_path,
+            progress=False,
+        )
+    assert cache_files(tmp_path) == []
+
+
+def test_stale_files_of_dead_processes_of_this_host_are_removed(tmp_path, this_host):
+    uid = "0123456789abcdef0123456789abcdef"
+    dead = tmp_path / f"cncad-features-{this_host}-{dead_pid()}-{uid}.f16"
+    dead_f32 = tmp_path / f"cncad-features-{this_host}-{dead_pid()}-{uid}.f32"
+    alive = tmp_path / f"cncad-features-{this_host}-{os.getpid()}-{uid}.f16"
+    other_host = tmp_path / f"cncad-features-{this_host}x-{dead_pid()}-{uid}.f16"
+    foreign = [
+        tmp_path / f"cncad-features-{uid}.f16",  # an older naming scheme
+        tmp_path / f"cncad-features-{this_host}-{dead_pid()}-{uid}.f16.bak",
+        tmp_path / "notes.txt",
+    ]
+    for path in [dead, dead_f32, alive, other_host, *foreign]:
+        path.write_bytes(b"\0" * 8)
+
+    removed = remove_stale_cache_files(tmp_path)
+
+    assert sorted(removed) == sorted([dead, dead_f32])
+    assert sorted(tmp_path.iterdir()) == sorted([alive, other_host, *foreign])
+    assert remove_stale_cache_files(tmp_path) == []
+    assert remove_stale_cache_files(tmp_path / "missing") == []
+
+
+def test_build_removes_stale_files_only_when_it_writes_files(tmp_path, this_host):
+    stale = tmp_path / f"cncad-features-{this_host}-{dead_pid()}-{'a' * 32}.f16"
+    stale.write_bytes(b"\0" * 8)
+    _, batches = image_batches(4, 2)
+
+    in_memory = FeatureCache.build(fake_encode, batches, 4, directory=tmp_path, progress=False)
+    assert in_memory.in_memory
+    assert stale.exists()
+
+    on_disk = FeatureCache.build(
+        fake_encode, batches, 4, memory_limit_gib=0, directory=tmp_path, progress=False
+    )
+    assert not stale.exists()
+    assert len(cache_files(tmp_path)) == 4
+    on_disk.close()
+    assert cache_files(tmp_path) == []
+
+
+KILLED_BUILD = """
+import os, signal, sys
+import torch
+from cncad.data.cache import FeatureCache
+from cncad.encoders.base import EncoderFeatures
+
+def encode(images):
+    return EncoderFeatures(None, [torch.randn(len(images), 4, 8)])
+
+cache = FeatureCache.build(
+    encode, [torch.zeros(2, 3, 4, 4)] * 2, 4,
+    memory_limit_gib=0, directory=sys.argv[1], progress=False,
+)
+assert not cache.in_memory
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX only")
+def test_files_of_a_killed_process_are_removed_by_the_next_build(tmp_path, this_host):
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(KILLED_BUILD), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    leftovers = cache_files(tmp_path)
+    assert len(leftovers) == 1
+    match = CACHE_FILE.fullmatch(leftovers[0].name)
+    assert match is not None
+    assert match[1] == this_host
+    assert match[2] != str(os.getpid())
+
+    _, batches = image_batches(2, 2)
+    cache = FeatureCache.build(
+        fake_encode, batches, 2, memory_limit_gib=0, directory=tmp_path, progress=False
+    )
+    remaining = cache_files(tmp_path)
+    assert not leftovers[0].exists()
+    assert len(remaining) == 4
+    assert all(CACHE_FILE.fullmatch(p.name)[2] == str(os.getpid()) for p in remaining)
+    cache.close()

@@ -119,3 +119,39 @@ def test_unavailable_pretrained_weights_explain_the_offline_way_out():
     with pytest.raises(RuntimeError, match="local checkpoint") as info:
         load_clip("ViT-B-32", pretrained="/nonexistent/open_clip_weights.bin")
     assert "ViT-B-32" in str(info.value)
+
+
+def test_projection_and_global_feature_under_bf16_autocast_equal_float32():
+    encoder = CLIPEncoder(build_tiny_clip(), image_size=56)
+    features = encoder(torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0)))
+    cls, tokens = features.class_tokens[-1], features.patch_tokens[-1]
+    expected_global, expected_projected = encoder.global_feature(cls), encoder.project(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = tokens @ encoder.visual.proj  # a matmul outside the helper: bf16
+        global_feature, projected = encoder.global_feature(cls), encoder.project(tokens)
+        from_bf16 = encoder.project(tokens.bfloat16())
+    assert reference.dtype == torch.bfloat16  # autocast was active
+    assert global_feature.dtype == projected.dtype == torch.float32
+    assert torch.equal(global_feature, expected_global)
+    assert torch.equal(projected, expected_projected)
+    # half-precision inputs are upcast, not computed in half precision
+    assert torch.equal(from_bf16, encoder.project(tokens.bfloat16().float()))
+
+
+def test_text_tower_under_bf16_autocast_equals_float32():
+    model, tokenizer = load_clip("tiny")
+    text = CLIPEncoder(model, image_size=56).text
+    ids = tokenizer(["a photo of a damaged object", "object"])
+    expected = text(text.embed(ids), ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = text(text.embed(ids), ids)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+
+
+def test_projection_gradient_reaches_half_precision_tokens():
+    encoder = CLIPEncoder(build_tiny_clip(), image_size=56)
+    tokens = torch.randn(2, 5, encoder.width).bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        encoder.global_feature(tokens[:, 0]).sum().backward()
+    assert tokens.grad is not None and tokens.grad.dtype == torch.bfloat16
+    assert tokens.grad.abs().sum() > 0

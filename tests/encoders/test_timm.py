@@ -122,9 +122,9 @@ def test_detector_accepts_a_timm_model_object(tmp_path, images):
     assert detector.model.input_proj is None  # decoder width = the widest, deepest level
     before = detector.predict(images.sigmoid()).pred_score
     path = detector.save(tmp_path / "custom.cnc")
-    with pytest.raises(ValueError, match="clip_model"):
+    with pytest.raises(ValueError, match="encoder="):
         CNCDetector.load(path)
-    reloaded = CNCDetector.load(path, clip_model=model)
+    reloaded = CNCDetector.load(path, encoder=model)
     assert torch.equal(reloaded.predict(images.sigmoid()).pred_score, before)
 
 

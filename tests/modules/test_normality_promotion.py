@@ -52,3 +52,32 @@ def test_shape_mismatch_and_bad_options_raise():
         FeatureNormalityPromotion(norm="channel")
     with pytest.raises(ValueError):
         FeatureNormalityPromotion(mode="concat")
+
+
+def test_coefficient_under_bf16_autocast_equals_float32():
+    gen = torch.Generator().manual_seed(2)
+    projected = torch.randn(2, 16, 64, generator=gen)
+    g_n = torch.nn.functional.normalize(torch.randn(64, generator=gen), dim=0)
+    g_a = torch.nn.functional.normalize(torch.randn(64, generator=gen), dim=0)
+    expected = normality_coefficient(projected, g_n, g_a)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (projected @ g_n).dtype == torch.bfloat16  # autocast is active here
+        psi = normality_coefficient(projected, g_n, g_a)
+        psi_raw = normality_coefficient(projected, g_n, g_a, cosine=False)
+        from_bf16 = normality_coefficient(projected.bfloat16(), g_n, g_a)
+    assert psi.dtype == torch.float32 and torch.equal(psi, expected)
+    assert torch.equal(psi_raw, normality_coefficient(projected, g_n, g_a, cosine=False))
+    assert torch.equal(from_bf16, normality_coefficient(projected.bfloat16().float(), g_n, g_a))
+
+
+def test_promotion_keeps_the_feature_dtype_under_autocast():
+    gen = torch.Generator().manual_seed(3)
+    f = torch.randn(2, 5, 6, generator=gen).bfloat16()
+    p = torch.randn(2, 5, 4, generator=gen)
+    g_n = torch.nn.functional.normalize(torch.randn(4, generator=gen), dim=0)
+    g_a = torch.nn.functional.normalize(torch.randn(4, generator=gen), dim=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = FeatureNormalityPromotion()(f, p, g_n, g_a)
+    psi = normality_coefficient(p, g_n, g_a).unsqueeze(-1).bfloat16()
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, f + (1.0 / f.norm(dim=-1, keepdim=True).clamp_min(1e-6)) * psi)

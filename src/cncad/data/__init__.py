@@ -5,7 +5,7 @@ The public names are re-exported here; see [`cncad.data.transforms`][cncad.data.
 [`cncad.data.cache`][cncad.data.cache] for details.
 """
 
-from cncad.data.cache import FeatureCache, epoch_permutation
+from cncad.data.cache import FeatureCache, epoch_permutation, remove_stale_cache_files
 from cncad.data.folder import (
     MASK_EXTENSIONS,
     NORMAL_FOLDER_NAMES,
@@ -57,6 +57,7 @@ __all__ = [
     "load_mask",
     "make_synthetic_dataset",
     "preprocess",
+    "remove_stale_cache_files",
     "resize_mask",
     "synthetic_sample",
     "to_image_tensor",

@@ -11,12 +11,27 @@ The cache is generic over what the encoder returns: a ``NamedTuple`` whose field
 ``None`` or a list of tensors with the batch dimension first (e.g.
 [`EncoderFeatures`][cncad.encoders.base.EncoderFeatures]). It must not be used with random
 augmentation, which would be frozen into the stored features.
+
+Cache files are named ``cncad-features-<host>-<pid>-<uuid>.f16`` (``.f32`` for float32
+storage): ``<host>`` is this machine's host name with every character outside
+``[A-Za-z0-9_.]`` replaced by ``_`` (so it holds no ``-`` and the name parses unambiguously),
+``<pid>`` the id of the process that wrote the file and ``<uuid>`` 32 hex digits.
+[`FeatureCache.close`][cncad.data.cache.FeatureCache.close] deletes a cache's files, and
+[`FeatureCache.build`][cncad.data.cache.FeatureCache.build] deletes the files it created when it
+fails, a ``KeyboardInterrupt`` included. Files of a process that never reached either (killed
+with ``SIGKILL``, out of memory, power loss) are removed by
+[`remove_stale_cache_files`][cncad.data.cache.remove_stale_cache_files], which ``build`` runs on
+its folder before it writes files of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
+import socket
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,9 +45,13 @@ from tqdm.auto import tqdm
 
 from cncad.errors import DatasetError
 
-__all__ = ["FeatureCache", "epoch_permutation"]
+__all__ = ["FeatureCache", "epoch_permutation", "remove_stale_cache_files"]
 
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
+_FILE_PREFIX = "cncad-features-"
+_FILE_PATTERN = re.compile(
+    re.escape(_FILE_PREFIX) + r"(?P<host>[A-Za-z0-9_.]+)-(?P<pid>[0-9]+)-[0-9a-f]{32}\.f(?:16|32)"
+)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
@@ -101,7 +120,8 @@ class FeatureCache:
             memory or NumPy memory maps.
         layout: How the stored tensors map back onto the encoder's output type.
         directory: The folder of the memory-mapped files (None when in memory); files
-            this cache created there are deleted by [`close`][cncad.data.cache.FeatureCache.close].
+            this cache created there (``cncad-features-<host>-<pid>-<uuid>.f16`` or ``.f32``)
+            are deleted by [`close`][cncad.data.cache.FeatureCache.close].
     """
 
     def __init__(
@@ -142,11 +162,13 @@ class FeatureCache:
                 otherwise write memory-mapped files.
             directory: Folder for the memory-mapped files (default: the system's temporary
                 folder). Giving a folder does not force a file cache; set
-                ``memory_limit_gib=0`` for that.
+                ``memory_limit_gib=0`` for that. Before writing its files, ``build`` runs
+                [`remove_stale_cache_files`][cncad.data.cache.remove_stale_cache_files] on it.
             progress: Show a progress bar over images.
 
         Returns:
-            The filled cache.
+            The filled cache. If ``build`` raises instead (any exception, a
+            ``KeyboardInterrupt`` included), the files it created are deleted first.
 
         Raises:
             DatasetError: (a ``ValueError``) If there are no images.
@@ -158,47 +180,57 @@ class FeatureCache:
         slots: list[Any] | None = None  # storage arrays, or lists of chunks when unsized
         layout: _Layout | None = None
         folder: Path | None = None
+        created: list[Path] = []  # every file this call created, to delete if it fails
         filled = 0
         bar = tqdm(total=max_images, desc="caching features", unit="img", disable=not progress)
-        for images in batches:
-            tensors, batch_layout = _flatten(encode(images))
-            if slots is None:
-                layout = batch_layout
-                shapes = [tuple(t.shape[1:]) for t in tensors]
-                per_image = sum(math.prod(s) for s in shapes) * dtype.itemsize
-                if max_images is None:
-                    slots = [[] for _ in shapes]
-                elif per_image * max_images <= memory_limit_gib * 2**30:
-                    slots = [torch.empty((max_images, *s), dtype=dtype) for s in shapes]
-                else:
-                    folder = Path(directory or tempfile.gettempdir())
-                    folder.mkdir(parents=True, exist_ok=True)
-                    slots = [_new_memmap(folder, (max_images, *s), dtype) for s in shapes]
-            count = len(tensors[0])
-            if max_images is not None and filled + count > max_images:
-                raise ValueError(f"the batches hold more than the announced {max_images} images")
-            for slot, tensor in zip(slots, tensors, strict=True):
-                stored = tensor.detach().to("cpu", dtype)
-                if not torch.isfinite(stored).all():
+        try:
+            for images in batches:
+                tensors, batch_layout = _flatten(encode(images))
+                if slots is None:
+                    layout = batch_layout
+                    shapes = [tuple(t.shape[1:]) for t in tensors]
+                    per_image = sum(math.prod(s) for s in shapes) * dtype.itemsize
+                    if max_images is None:
+                        slots = [[] for _ in shapes]
+                    elif per_image * max_images <= memory_limit_gib * 2**30:
+                        slots = [torch.empty((max_images, *s), dtype=dtype) for s in shapes]
+                    else:
+                        folder = Path(directory or tempfile.gettempdir())
+                        folder.mkdir(parents=True, exist_ok=True)
+                        remove_stale_cache_files(folder)
+                        slots = []
+                        for shape in shapes:
+                            path = folder / _new_file_name(dtype)
+                            created.append(path)  # before opening: a failed open may leave it
+                            slots.append(
+                                np.memmap(
+                                    path,
+                                    dtype=_NUMPY_DTYPES[dtype],
+                                    mode="w+",
+                                    shape=(max_images, *shape),
+                                )
+                            )
+                count = len(tensors[0])
+                if max_images is not None and filled + count > max_images:
                     raise ValueError(
-                        f"an encoder feature does not fit {dtype} (|x| > "
-                        f"{torch.finfo(dtype).max:.0f} or NaN); cache in torch.float32"
+                        f"the batches hold more than the announced {max_images} images"
                     )
-                if isinstance(slot, list):
-                    slot.append(stored)
-                elif isinstance(slot, Tensor):
-                    slot[filled : filled + count] = stored
-                else:
-                    slot[filled : filled + count] = stored.numpy()
-            filled += count
-            bar.update(count)
-        bar.close()
-        if slots is None or layout is None or filled == 0:
-            raise DatasetError("no images to cache features of")
-        if max_images is None:
-            slots = [torch.cat(chunks) for chunks in slots]
-        elif filled < max_images:
-            slots = [slot[:filled] for slot in slots]  # views: the tail is never read
+                _store(slots, tensors, filled, dtype)
+                filled += count
+                bar.update(count)
+            if slots is None or layout is None or filled == 0:
+                raise DatasetError("no images to cache features of")
+            if max_images is None:
+                slots = [torch.cat(chunks) for chunks in slots]
+            elif filled < max_images:
+                slots = [slot[:filled] for slot in slots]  # views: the tail is never read
+        except BaseException:
+            if slots is not None:
+                slots.clear()  # unmap first: Windows cannot delete a mapped file
+            _delete_files(created)
+            raise
+        finally:
+            bar.close()
         return cls(slots, layout, folder)
 
     # ------------------------------------------------------------------ reading
@@ -268,7 +300,11 @@ class FeatureCache:
             yield self.get(order[start : start + batch_size], device)
 
     def close(self) -> None:
-        """Release the storage and delete the memory-mapped files this cache created."""
+        """Release the storage and delete the memory-mapped files this cache created.
+
+        Files that a killed process could not delete this way are removed later by
+        [`remove_stale_cache_files`][cncad.data.cache.remove_stale_cache_files].
+        """
         files = [slot.filename for slot in self._slots if isinstance(slot, np.memmap)]
         self._slots = []  # dropping the last reference unmaps the files
         for filename in files:
@@ -283,6 +319,94 @@ class FeatureCache:
         )
 
 
-def _new_memmap(folder: Path, shape: tuple[int, ...], dtype: torch.dtype) -> np.memmap:
-    path = folder / f"cncad-features-{uuid.uuid4().hex}.f{dtype.itemsize * 8}"
-    return np.memmap(path, dtype=_NUMPY_DTYPES[dtype], mode="w+", shape=shape)
+def remove_stale_cache_files(directory: str | os.PathLike | None = None) -> list[Path]:
+    """Delete the cache files that processes of this host left behind when they died.
+
+    A process killed before [`FeatureCache.close`][cncad.data.cache.FeatureCache.close] (by
+    ``SIGKILL``, the out-of-memory killer or a power loss) leaves its memory-mapped files
+    behind. Their names, ``cncad-features-<host>-<pid>-<uuid>.f16`` or ``.f32``, tell who
+    wrote them: a file is removed when ``<host>`` is this machine's (sanitised) host name and
+    no process ``<pid>`` runs here any more. Files of running processes, files written by
+    other hosts into a shared folder (their processes cannot be checked from here) and files
+    whose names do not follow the pattern are left alone, as is a file that cannot be deleted
+    (e.g. still mapped on Windows). A dead writer's pid reused by a new process keeps its
+    files until that process ends as well. On Windows no process is checked, so nothing
+    is removed there.
+
+    [`FeatureCache.build`][cncad.data.cache.FeatureCache.build] calls this on its folder
+    before it creates files, so a folder in use does not fill up with leftovers.
+
+    Args:
+        directory: The folder to clean (default: the system's temporary folder, the default
+            folder of ``build``). A folder that does not exist holds nothing to remove.
+
+    Returns:
+        The paths of the removed files.
+    """
+    folder = Path(directory or tempfile.gettempdir())
+    host = _host_name()
+    removed: list[Path] = []
+    try:
+        candidates = sorted(folder.glob(_FILE_PREFIX + "*"))
+    except OSError:  # folder missing or unreadable
+        return removed
+    for path in candidates:
+        match = _FILE_PATTERN.fullmatch(path.name)
+        if match is None or match["host"] != host or _process_running(int(match["pid"])):
+            continue
+        try:
+            path.unlink()
+        except OSError:  # gone already (another process cleaned up) or locked
+            continue
+        removed.append(path)
+    return removed
+
+
+def _host_name() -> str:
+    """This machine's host name reduced to ``[A-Za-z0-9_.]`` (no ``-``), at most 64 characters."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "localhost"
+
+
+def _new_file_name(dtype: torch.dtype) -> str:
+    return f"{_FILE_PREFIX}{_host_name()}-{os.getpid()}-{uuid.uuid4().hex}.f{dtype.itemsize * 8}"
+
+
+def _process_running(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine; True when that cannot be told."""
+    if pid <= 0:  # never a writer's pid; os.kill would signal a process group
+        return True
+    if sys.platform == "win32":  # os.kill(pid, 0) would send CTRL_C_EVENT: leave files be
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it runs under another user
+        return True
+    return True
+
+
+def _store(slots: list[Any], tensors: list[Tensor], filled: int, dtype: torch.dtype) -> None:
+    """Write one batch's ``(B, ...)`` tensors into the storage at rows ``filled:filled + B``."""
+    stored = [tensor.detach().to("cpu", dtype) for tensor in tensors]
+    for tensor in stored:
+        if not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"an encoder feature does not fit {dtype} (|x| > "
+                f"{torch.finfo(dtype).max:.0f} or NaN); cache in torch.float32"
+            )
+    count = len(stored[0])
+    for slot, tensor in zip(slots, stored, strict=True):
+        if isinstance(slot, list):
+            slot.append(tensor)
+        elif isinstance(slot, Tensor):
+            slot[filled : filled + count] = tensor
+        else:
+            slot[filled : filled + count] = tensor.numpy()
+
+
+def _delete_files(paths: Iterable[Path]) -> None:
+    for path in paths:
+        # A file that cannot go now is left to remove_stale_cache_files once this process ends.
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)

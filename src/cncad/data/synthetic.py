@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cncad.files import atomic_write
+
 __all__ = [
     "DEFECT_TYPES",
     "SYNTHETIC_CATEGORIES",
@@ -295,7 +297,8 @@ def _sample_rng(seed: int, category: str, group: str, index: int) -> np.random.G
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    Image.fromarray(array).save(path, format="PNG", compress_level=1)
+    with atomic_write(path, "wb") as handle:
+        Image.fromarray(array).save(handle, format="PNG", compress_level=1)
 
 
 def make_synthetic_dataset(

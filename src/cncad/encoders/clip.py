@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from open_clip.model import resize_pos_embed
 from torch import Tensor, nn
 
+from cncad._precision import float32
 from cncad.encoders.base import EncoderFeatures, FrozenEncoder
 
 __all__ = [
@@ -189,8 +190,12 @@ class CLIPTextTower(nn.Module):
         """Token embeddings of ``token_ids`` ``(N, L)``, returned as ``(N, L, width)``."""
         return self.token_embedding(token_ids)
 
+    @float32
     def forward(self, embeddings: Tensor, token_ids: Tensor) -> Tensor:
         """Encode prompts given as token embeddings.
+
+        Runs in float32 with autocast off: the text features feed the τ-scaled logits of
+        eqs. 4 and 10 (see ``docs/design.md``, "Float32 around the τ-scaled logits").
 
         Args:
             embeddings: ``(N, L, width)`` token embeddings (possibly with learned context).
@@ -331,28 +336,35 @@ class CLIPEncoder(FrozenEncoder):
         class_tokens = [prefix[:, 0] for prefix in out["image_intermediates_prefix"]]
         return EncoderFeatures(class_tokens, list(out["image_intermediates"]))
 
+    @float32
     def project(self, tokens: Tensor) -> Tensor:
         """Map vision tokens into the joint space with CLIP's frozen ``ln_post`` and ``proj``.
 
         Gradients flow to ``tokens`` (decoded features are projected too), never to the
-        frozen weights.
+        frozen weights. Runs in float32 with autocast off, because the result feeds the
+        τ-scaled alignment logits (eqs. 4, 10) and the coefficient Ψ (eqs. 6-7).
 
         Args:
-            tokens: ``(..., C)`` vision tokens.
+            tokens: ``(..., C)`` vision tokens, any float dtype.
 
         Returns:
-            ``(..., D)`` projected tokens, not normalised.
+            ``(..., D)`` projected tokens, not normalised, float32 (float64 for float64
+            tokens).
         """
         return self.visual.ln_post(tokens) @ self.visual.proj
 
+    @float32
     def global_feature(self, class_token: Tensor) -> Tensor:
         """The global feature e of a block: its class token projected and L2-normalised.
+
+        Runs in float32 with autocast off, like
+        [`project`][cncad.encoders.clip.CLIPEncoder.project].
 
         Args:
             class_token: ``(B, C)``.
 
         Returns:
-            ``(B, D)`` unit vectors.
+            ``(B, D)`` unit vectors in float32.
         """
         return F.normalize(self.project(class_token), dim=-1)
 

@@ -22,13 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cncad._precision import float32
+
 __all__ = ["FeatureNormalityPromotion", "normality_coefficient"]
 
 
+@float32
 def normality_coefficient(
     projected: Tensor, text_normal: Tensor, text_abnormal: Tensor, cosine: bool = True
 ) -> Tensor:
     """Cross-modal control coefficient Ψ (eqs. 6-7).
+
+    Runs in float32 with autocast off (half-precision inputs are upcast): α and β are
+    cosines between image and text features, and bfloat16 would round them to about
+    three significant digits.
 
     Args:
         projected: ``(B, L, D)`` tokens in the joint image-text space.
@@ -37,7 +44,8 @@ def normality_coefficient(
         cosine: L2-normalise the tokens first, so α and β are cosine similarities.
 
     Returns:
-        ``(B, L)`` values in (0, 1): above 1/2 where a token is closer to "normal".
+        ``(B, L)`` values in (0, 1), float32 (float64 for float64 inputs): above 1/2 where
+        a token is closer to "normal".
     """
     if cosine:
         projected = F.normalize(projected, dim=-1)

@@ -27,7 +27,9 @@ class PromptLearner(nn.Module):
     In training mode every call runs the text tower, so gradients reach the context
     vectors. In eval mode the text features are computed once and cached in a buffer, which
     is saved with the state dict: inference (and a reloaded model) never runs the text
-    tower. Switching back to training mode invalidates the cache.
+    tower. The cache holds for the context values it was computed from: any change of the
+    context (an optimiser step, ``load_state_dict``, ``context.data.copy_``) makes the
+    next eval call recompute it.
 
     Args:
         text_tower: The frozen CLIP text tower.
@@ -74,6 +76,10 @@ class PromptLearner(nn.Module):
         embed_dim = self._output_dim()
         self.register_buffer("cached_features", torch.zeros(2, num_layers, embed_dim))
         self.register_buffer("cache_valid", torch.tensor(False))
+        # The context values the cache was computed from. The version counter of the
+        # parameter cannot tell: writes through ``context.data`` do not bump it.
+        self.register_buffer("cached_context", self.context.detach().clone(), persistent=False)
+        self.register_load_state_dict_post_hook(_adopt_loaded_cache)
 
     def _check_placeholders(self, token_ids: Tensor, tokenizer: Callable) -> None:
         placeholder_id = tokenizer([_PLACEHOLDER])[0, 1]
@@ -103,29 +109,60 @@ class PromptLearner(nn.Module):
     def encode(self) -> tuple[Tensor, Tensor]:
         """Run the text tower on all prompts in one forward (eqs. 2-3).
 
+        The text tower runs in float32 with autocast off (see
+        [`CLIPTextTower.forward`][cncad.encoders.clip.CLIPTextTower.forward]).
+
         Returns:
-            ``(g_n, g_a)``, each ``(num_layers, D)``, L2-normalised.
+            ``(g_n, g_a)``, each ``(num_layers, D)``, L2-normalised, float32.
         """
         features = self.text_tower(self.prompt_embeddings(), self.token_ids)
         features = F.normalize(features.float(), dim=-1).reshape(self.num_layers, 2, -1)
         return features[:, 0], features[:, 1]
 
+    def cache_is_current(self) -> bool:
+        """Whether the cached text features belong to the present context vectors."""
+        return bool(self.cache_valid) and _same_values(self.cached_context, self.context)
+
     def forward(self) -> tuple[Tensor, Tensor]:
         """Text features of the prompts: fresh in training mode, cached in eval mode."""
         if self.training:
             return self.encode()
-        if not bool(self.cache_valid):
-            with torch.no_grad():
+        if not self.cache_is_current():
+            # Plain tensors even under torch.inference_mode(): inference tensors could not
+            # be updated in place later (load_state_dict, a training step).
+            with torch.inference_mode(False), torch.no_grad():
                 normal, abnormal = self.encode()
-            # a new tensor, not an in-place copy: features returned earlier stay unchanged
-            self.cached_features = torch.stack([normal, abnormal])
-            self.cache_valid.fill_(True)
+                # new tensors, not in-place copies: features returned earlier stay unchanged
+                self.cached_features = torch.stack([normal, abnormal])
+                self.cached_context = self.context.detach().clone()
+                self.cache_valid.fill_(True)
         return self.cached_features[0], self.cached_features[1]
 
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        # A file must never pair a context with text features of an older one: a cache
+        # that no longer matches the context is saved as invalid (recomputed after loading).
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.cache_is_current():
+            destination[prefix + "cache_valid"] = torch.tensor(False)
+
     def train(self, mode: bool = True) -> PromptLearner:
-        """Set the mode; entering training mode invalidates the cached text features."""
+        """Set the mode; the frozen text tower stays in eval mode."""
         super().train(mode)
-        if mode:
-            self.cache_valid.fill_(False)
         self.text_tower.eval()
         return self
+
+
+def _same_values(cached: Tensor, current: Tensor) -> bool:
+    return (
+        cached.shape == current.shape
+        and cached.dtype == current.dtype
+        and cached.device == current.device
+        and torch.equal(cached, current.detach())
+    )
+
+
+def _adopt_loaded_cache(module: nn.Module, incompatible_keys: object) -> None:
+    """After ``load_state_dict``: a loaded valid cache belongs to the loaded context."""
+    if isinstance(module, PromptLearner) and bool(module.cache_valid):
+        with torch.inference_mode(False), torch.no_grad():
+            module.cached_context = module.context.detach().clone()
