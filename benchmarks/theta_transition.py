@@ -53,7 +53,7 @@ from torch.utils.data import TensorDataset
 
 from cncad import CNCDetector
 from cncad.data import AnomalyFolder
-from cncad.data.cache import epoch_permutation
+from cncad.data.sampling import epoch_batches
 from cncad.files import atomic_write
 from cncad.training import Trainer, epoch_seed, model_input
 
@@ -68,8 +68,10 @@ class RecordingTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.step_norms: list[tuple[int, float]] = []
 
-    def step(self, features: Any, epoch: int, batch_index: int = 0) -> dict[str, float]:
-        values = super().step(features, epoch, batch_index)
+    def step(
+        self, features: Any, epoch: int, batch_index: int = 0, **split: Any
+    ) -> dict[str, float]:
+        values = super().step(features, epoch, batch_index, **split)
         self.step_norms.append((epoch, values["grad_norm"]))
         return values
 
@@ -108,7 +110,7 @@ def fit(trainer: Trainer, data: TensorDataset, epochs: int) -> None:
 def _first_batch_features(trainer: Trainer, data: TensorDataset, epoch: int) -> Any:
     """Encoder features of the first batch of ``epoch``, rounded like the float16 cache."""
     config = trainer.config
-    order = epoch_permutation(len(data), config.seed, epoch)[: config.batch_size]
+    order = epoch_batches(len(data), config.batch_size, config.seed, epoch)[0]
     images = model_input(data.tensors[0][order], config.image_size, trainer.device)
     features = trainer.model.encode(images)
     return type(features)(

@@ -150,7 +150,9 @@ def test_python_snippets_compile_and_import(page: str) -> None:
                     assert hasattr(module, alias.name), f"{page}: {node.module}.{alias.name}"
 
 
-@pytest.mark.parametrize("module", ["cncad.files", "cncad.checkpoint", "cncad.training"])
+@pytest.mark.parametrize(
+    "module", ["cncad.files", "cncad.checkpoint", "cncad.training", "cncad.data.sampling"]
+)
 def test_docstring_examples_run(module: str) -> None:
     import doctest
 

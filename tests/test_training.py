@@ -154,11 +154,11 @@ def test_a_run_stopped_mid_epoch_keeps_the_last_checkpoint_and_no_cache_files(
     calls = []
     original = Trainer.step
 
-    def failing_step(self, features, epoch, batch_index=0):
+    def failing_step(self, features, epoch, batch_index=0, **split):
         calls.append(epoch)
         if epoch == 1 and batch_index == 1:
             raise fault
-        return original(self, features, epoch, batch_index)
+        return original(self, features, epoch, batch_index, **split)
 
     monkeypatch.setattr(Trainer, "step", failing_step)
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
@@ -229,8 +229,8 @@ def test_a_non_finite_step_is_not_taken(data_root, what):
     original = model.loss
     snapshots = []
 
-    def poisoned(output, epoch):
-        terms = original(output, epoch)
+    def poisoned(output, epoch, **options):
+        terms = original(output, epoch, **options)
         snapshots.append(_snapshot(detector))
         if epoch == 1 and len(snapshots) == 4:
             if what == "loss":
@@ -267,10 +267,10 @@ def test_predict_save_and_fit_from_another_thread_during_fit_are_refused(data_ro
     original = Trainer.step
     errors: list[BaseException] = []
 
-    def slow_step(self, features, epoch, batch_index=0):
+    def slow_step(self, features, epoch, batch_index=0, **split):
         started.set()
         assert release.wait(60)
-        return original(self, features, epoch, batch_index)
+        return original(self, features, epoch, batch_index, **split)
 
     def train():
         try:

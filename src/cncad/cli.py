@@ -10,8 +10,10 @@ instead. See ``docs/cli.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
+import io
 import json
 import math
 import re
@@ -33,6 +35,7 @@ from cncad.data import (
     find_categories,
     load_image,
 )
+from cncad.distributed import is_main_process
 from cncad.errors import CNCADError, DatasetError
 from cncad.files import atomic_write, check_output_dir, check_output_file, save_image_atomic
 
@@ -870,6 +873,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
+        if not is_main_process():  # under torchrun, rank 0 reports; errors still print
+            with contextlib.redirect_stdout(io.StringIO()):
+                return args.handler(args)
         return args.handler(args)
     except KeyboardInterrupt:
         message, status = "interrupted", 130

@@ -32,6 +32,7 @@ from cncad.checkpoint import (
 )
 from cncad.config import CNCConfig
 from cncad.data import AnomalyFolder, preprocess, resize_mask, to_image_tensor
+from cncad.distributed import is_main_process, local_device
 from cncad.errors import ModelFileError, TrainingBusyError
 from cncad.evaluation import AnomalyEvaluator
 from cncad.files import check_output_dir
@@ -118,7 +119,7 @@ class CNCDetector:
         elif config.backbone == _CUSTOM_BACKBONE:
             raise ValueError("backbone='custom' needs the model object: pass encoder=...")
         self.config = config
-        self.device = _resolve_device(config.device)
+        self.device = local_device(config.device)
         clip, frozen = _split_backbone(encoder)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -134,6 +135,11 @@ class CNCDetector:
     def epochs_trained(self) -> int:
         """Epochs run so far over all [`fit`][cncad.detector.CNCDetector.fit] calls (and runs)."""
         return self._trainer.state.epochs_trained
+
+    @property
+    def trainer(self) -> Trainer:
+        """The training engine: its state, optimizer, process group and cached indices."""
+        return self._trainer
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -165,12 +171,16 @@ class CNCDetector:
         differs from ``cache=False``. Turn the cache off when ``data`` applies random
         augmentation, which the cache would freeze.
 
-        Both paths visit the images in the same order for the same seed: a Dataset or
-        folder is shuffled by [`epoch_permutation`][cncad.data.cache.epoch_permutation] in batches
-        of ``config.batch_size``. A DataLoader you pass is used as it is without the cache;
-        with the cache it is read once, in its own order, and the epochs then follow
-        [`epoch_permutation`][cncad.data.cache.epoch_permutation] in batches of
-        ``config.batch_size``.
+        Both paths visit the images in the same global batches of ``config.batch_size``
+        images for the same seed ([`epoch_batches`][cncad.data.sampling.epoch_batches]). A
+        DataLoader you pass is used as it is without the cache; with the cache it is read
+        once, in its own order, and the epochs then follow the same global batches.
+
+        **Many processes.** Run the same script (or ``python -m cncad fit``) under
+        ``torchrun`` to train one model with DistributedDataParallel; nothing else changes.
+        ``batch_size`` is the global batch, split over the processes; each process caches
+        only its shard of the images; only rank 0 writes checkpoints and shows progress.
+        See the guide's "Many GPUs" section.
 
         **Checkpoints and resume.** With ``checkpoint_dir``, ``DIR/last.ckpt`` is replaced
         atomically after every ``checkpoint_every`` epochs and after the last one: the
@@ -234,7 +244,8 @@ class CNCDetector:
             )
 
         def on_epoch_end(done: int) -> None:
-            if checkpoint is not None and (done % checkpoint_every == 0 or done == last):
+            due = done % checkpoint_every == 0 or done == last
+            if checkpoint is not None and due and self._trainer.group.is_main:
                 self._write(checkpoint, kind="checkpoint")
 
         last = self.epochs_trained + epochs
@@ -371,6 +382,9 @@ class CNCDetector:
         Args:
             path: Destination file (conventionally ``*.cnc``).
 
+        Under ``torchrun`` only rank 0 writes (call ``save`` on every process or on rank 0
+        alone); the other processes return at once.
+
         Returns:
             The path written.
 
@@ -379,7 +393,11 @@ class CNCDetector:
             TrainingBusyError: ``fit`` is running on this detector in another thread.
         """
         with self._activity.reading("save"):
-            return self._write(Path(path), kind="detector")
+            # Under torchrun only rank 0 writes. No barrier: the common pattern of calling
+            # save on rank 0 alone would then wait forever.
+            if is_main_process():
+                self._write(Path(path), kind="detector")
+            return Path(path)
 
     def _write(self, path: Path, kind: str) -> Path:
         optimizer_state = self._trainer.optimizer_state_dict() if kind == "checkpoint" else None
@@ -534,15 +552,6 @@ def _count(value: Any, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
     return value
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available")
-    return device
 
 
 def _resize_map(amap: Tensor, size: Sequence[int]) -> Tensor:

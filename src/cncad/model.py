@@ -294,7 +294,13 @@ class CNCModel(nn.Module):
             return text_normal.detach(), text_abnormal.detach()
         return text_normal, text_abnormal
 
-    def loss(self, output: CNCOutput, epoch: int) -> LossTerms:
+    def loss(
+        self,
+        output: CNCOutput,
+        epoch: int,
+        *,
+        importance_reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> LossTerms:
         """All loss terms of one batch (eqs. 4, 9, 10, 11, 15, 16).
 
         With ``config.detach_text_anchors`` the text features reach eq. 10 detached (as
@@ -305,6 +311,9 @@ class CNCModel(nn.Module):
         Args:
             output: The forward output in training mode.
             epoch: The 0-based epoch, for the schedule of eq. 11.
+            importance_reduce: Sums the MoE importance vector over processes when the
+                batch is split across them (see
+                [`importance_loss`][cncad.modules.moe.importance_loss]); None for one.
 
         Returns:
             [`LossTerms`][cncad.losses.LossTerms]; switched-off components contribute zeros.
@@ -334,7 +343,9 @@ class CNCModel(nn.Module):
             align_enc = align_dec = constraint = zero
         moe = zero
         if output.gates is not None:
-            moe = cfg.moe_loss_weight * importance_loss(output.gates, cfg.moe_loss_eps)
+            moe = cfg.moe_loss_weight * importance_loss(
+                output.gates, cfg.moe_loss_eps, reduce=importance_reduce
+            )
         return LossTerms(
             total_loss(distill, constraint, moe), distill, constraint, align_enc, align_dec, moe
         )

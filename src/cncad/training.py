@@ -6,10 +6,18 @@
 
 * **Data.** A Dataset or DataLoader of images. With the feature cache (default) the frozen
   encoder runs once per image ([`FeatureCache`][cncad.data.cache.FeatureCache]); without it,
-  on every batch. Both visit the images in the order of
-  [`epoch_permutation`][cncad.data.cache.epoch_permutation].
+  on every batch. Both visit the images in the global batches of
+  [`epoch_batches`][cncad.data.sampling.epoch_batches] (``config.batch_size`` images each).
+* **Many processes.** Under ``torchrun`` the same code trains one model with
+  ``DistributedDataParallel`` over the trainable parts (the frozen encoder is never
+  wrapped or synchronised). ``batch_size`` stays the *global* batch: each process takes
+  its lanes of every batch ([`positions_of_rank`][cncad.data.sampling.positions_of_rank]) and caches
+  only its shard of the images. Every loss means what it means in one process: the mean
+  terms are weighted by each process's share of the batch, and the MoE importance loss
+  (eq. 15) is computed on the global batch's gate mass. Only rank 0 shows progress; the
+  caller writes files on rank 0 only (see [`cncad.distributed`][cncad.distributed]).
 * **Exact resume.** The global random generator (feature noise, dropout) is re-seeded at
-  the start of every epoch from ``(config.seed, epoch)`` by
+  the start of every epoch from ``(config.seed, epoch)`` (and the rank) by
   [`epoch_seed`][cncad.training.epoch_seed], and the data order is a function of the same
   pair, so every random state that training uses at an epoch boundary is determined by the
   seed and the number of epochs done. Together with the weights and Adam's state (saved in
@@ -38,14 +46,16 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cncad.data.cache import FeatureCache, epoch_permutation
+from cncad.data.cache import FeatureCache
+from cncad.data.sampling import derive_seed, epoch_batches, positions_of_rank, shard_indices
+from cncad.distributed import ProcessGroup
 from cncad.errors import DatasetError, NonFiniteError
 from cncad.model import CNCModel
 
@@ -56,18 +66,20 @@ __all__ = [
     "autocast_for",
     "epoch_seed",
     "model_input",
-    "normal_images",
+    "split_batch",
 ]
 
 _NO_NORMAL_IMAGES = "the training data holds no normal images (label 0)"
+_EPOCH_TAG = 0x434E43
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """Seed of the global random generator at the start of ``epoch``.
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """Seed of the global random generator at the start of ``epoch`` in process ``rank``.
 
     Feature noise and dropout draw from the global generator; seeding it per epoch makes
     the random state at every epoch boundary a function of ``(seed, epoch)`` only, which is
-    what makes a resumed run exact.
+    what makes a resumed run exact. Each process of a multi-process run gets its own
+    stream (rank 0's is the single-process one).
 
     Example:
         >>> epoch_seed(0, 3) == epoch_seed(0, 3) != epoch_seed(0, 4)
@@ -76,12 +88,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
     Args:
         seed: The configuration's seed (any int, negative or larger than 64 bits too).
         epoch: 0-based epoch.
+        rank: The process's rank.
 
     Returns:
         A seed in ``[0, 2**63)``.
     """
-    words = [abs(seed), int(seed < 0), epoch, 0x434E43]  # SeedSequence takes ints of any size
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return derive_seed(seed, epoch, _EPOCH_TAG, *([rank] if rank else []))
 
 
 def autocast_for(device: torch.device, bf16: bool) -> torch.autocast:
@@ -118,16 +130,16 @@ def model_input(images: Tensor, image_size: int, device: torch.device) -> Tensor
     return images
 
 
-def normal_images(batch: Any) -> Tensor | None:
-    """The normal images of a training batch.
+def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """The images of a training batch and which of them are normal.
 
     Args:
         batch: A dict with ``"image"`` (and optionally ``"label"``), an ``(image, label,
             ...)`` tuple or list, or an image tensor; images ``(B, 3, H, W)``.
 
     Returns:
-        ``(B', 3, H, W)``: the images whose label is 0 (all when there are no labels), or
-        None when none is normal.
+        ``(images, normal)``: the ``(B, 3, H, W)`` images and a ``(B,)`` bool mask, True
+        where the label is 0 (everywhere when there are no labels).
 
     Raises:
         ValueError: The batch has no images of shape ``(B, 3, H, W)``.
@@ -146,11 +158,9 @@ def normal_images(batch: Any) -> Tensor | None:
     if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"expected image batches of shape (B, 3, H, W), got {shape}")
-    if labels is not None:
-        images = images[torch.as_tensor(labels).reshape(-1) == 0]
-        if len(images) == 0:
-            return None
-    return images
+    if labels is None:
+        return images, torch.ones(len(images), dtype=torch.bool)
+    return images, torch.as_tensor(labels).reshape(-1) == 0
 
 
 @dataclass
@@ -201,6 +211,15 @@ class Trainer:
         device: The model's device.
         state: A run to continue (e.g. from a checkpoint); default: a fresh run.
 
+    Attributes:
+        state: The [`TrainingState`][cncad.training.TrainingState] (epochs, history).
+        optimizer: The Adam optimizer.
+        group: The [`ProcessGroup`][cncad.distributed.ProcessGroup] of the last
+            [`fit`][cncad.training.Trainer.fit] (one process until then).
+        cached_indices: Dataset indices (stream positions for a DataLoader) of the images
+            whose features the last ``fit`` cached in this process, in cache order; None
+            without a cache.
+
     Raises:
         ValueError: ``state.optimizer_state`` does not fit the model's trainable
             parameters.
@@ -220,6 +239,11 @@ class Trainer:
         if self.state.optimizer_state is not None:
             self._restore_optimizer(self.state.optimizer_state)
             self.state.optimizer_state = None  # the optimizer holds it from now on
+        self.group = ProcessGroup()
+        self.cached_indices: Tensor | None = None
+        self._slot_of = torch.zeros(0, dtype=torch.long)  # dataset index -> cache slot, or -1
+        self._student: nn.Module = _Student(model)  # in DistributedDataParallel with many
+        self._spare: Any = None  # features for a process whose part of a batch is empty
 
     @property
     def config(self) -> Any:
@@ -269,26 +293,41 @@ class Trainer:
         """Run ``epochs`` more epochs (see [`CNCDetector.fit`][cncad.detector.CNCDetector.fit]).
 
         Args:
-            data: Images as [`normal_images`][cncad.training.normal_images] reads them.
+            data: A Dataset (map-style) or DataLoader of images, as
+                [`split_batch`][cncad.training.split_batch] reads its batches.
             epochs: Epochs to run now; the epoch count (eq. 11's schedule, the seeds and
                 the data order) continues from ``state.epochs_trained``.
-            progress: Show progress bars.
+            progress: Show progress bars (rank 0 only).
             cache: Train from a feature cache built once for this call.
             cache_dir: Folder for the cache files when they do not fit in memory.
-            cache_memory_gib: Largest cache kept in memory.
+            cache_memory_gib: Largest cache kept in memory (per process).
             cache_dtype: ``torch.float16`` or ``torch.float32``.
-            on_epoch_end: Called with the number of complete epochs after each epoch, in
-                training mode (e.g. to write a checkpoint).
+            on_epoch_end: Called on every process with the number of complete epochs
+                after each epoch, in training mode (e.g. to write a checkpoint on rank 0).
 
         Returns:
-            The feature cache's statistics, or None without a cache.
+            The feature cache's statistics (this process's shard), or None without a cache.
 
         Raises:
             NonFiniteError: A loss or gradient was not finite; no step was taken with it.
-            DatasetError: ``data`` holds no normal image.
+            DatasetError: ``data`` holds no normal image (in this process's shard).
+            ValueError: Under ``torchrun``, more processes than ``batch_size``, or a
+                DataLoader without the cache (pass a Dataset so each process can load
+                its own part).
         """
+        self.group = ProcessGroup.from_environment(self.device)
+        progress = progress and self.group.is_main
+        if self.group.is_distributed:
+            positions_of_rank(0, self.config.batch_size, *self._rank_pair())  # checks W <= B
+            if isinstance(data, DataLoader) and not cache:
+                raise ValueError(
+                    "with several processes, fit(cache=False) needs a Dataset, not a "
+                    "DataLoader, so that each process can load its own part of each batch"
+                )
+            self._wrap_for_processes()
         feature_cache = None
         stats = None
+        self._spare = None
         with _sigterm_as_exit():
             try:
                 if cache and epochs > 0:
@@ -308,6 +347,7 @@ class Trainer:
                     self._run_epochs(data, feature_cache, epochs, progress, on_epoch_end)
             finally:
                 self.model.eval()
+                self._spare = None
                 if feature_cache is not None:
                     feature_cache.close()
         return stats
@@ -324,16 +364,19 @@ class Trainer:
         first = self.state.epochs_trained
         bar = tqdm(range(first, first + epochs), desc="fit", unit="epoch", disable=not progress)
         for epoch in bar:
-            torch.manual_seed(epoch_seed(config.seed, epoch))
+            torch.manual_seed(epoch_seed(config.seed, epoch, self.group.rank))
             if feature_cache is not None:
-                order = epoch_permutation(len(feature_cache), config.seed, epoch)
-                batches: Iterable = feature_cache.batches(config.batch_size, order, self.device)
-                total = math.ceil(len(feature_cache) / config.batch_size)
+                batches: Iterable = self._cached_batches(feature_cache, epoch)
+                total = _batch_count(self._num_images, config.batch_size)
             else:
                 batches = self._encoded_batches(data, epoch)
-                total = _num_batches(data, config.batch_size)
+                total = (
+                    _own_length(data)
+                    if isinstance(data, DataLoader)
+                    else _batch_count(len(data), config.batch_size)
+                )
             start = time.perf_counter()
-            means = self.train_epoch(batches, epoch, progress=progress, total=total)
+            means = self._train_epoch(batches, epoch, progress, total)
             seconds = time.perf_counter() - start
             self.state.history.append({"epoch": float(epoch), **means, "seconds": seconds})
             self.state.epochs_trained = epoch + 1
@@ -341,31 +384,18 @@ class Trainer:
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1)
 
-    def train_epoch(
-        self,
-        batches: Iterable[Any],
-        epoch: int,
-        *,
-        progress: bool = False,
-        total: int | None = None,
+    def _train_epoch(
+        self, batches: Iterable[tuple[Any, int]], epoch: int, progress: bool, total: int | None
     ) -> dict[str, float]:
-        """One pass over ``batches`` of encoder features; returns the mean of each logged value.
-
-        Args:
-            batches: Encoder features per batch
-                ([`EncoderFeatures`][cncad.encoders.base.EncoderFeatures] on the device).
-            epoch: The 0-based epoch (eq. 11's schedule and the messages).
-            progress: Show a progress bar over batches.
-            total: Number of batches, for the bar.
-
-        Returns:
-            Means of the loss terms and of ``grad_norm`` over the epoch's steps.
-        """
+        """One pass over ``(features, images in this process)`` pairs; the mean logged values."""
         sums: dict[str, float] = {}
         steps = 0
         bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress, total=total)
-        for index, features in enumerate(bar):
-            values = self.step(features, epoch, index)
+        for index, (features, count) in enumerate(bar):
+            global_count = int(self.group.sum(torch.tensor(count)))
+            if global_count == 0:
+                continue  # no process has a normal image in this batch
+            values = self.step(features, epoch, index, count=count, total=global_count)
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + value
             steps += 1
@@ -374,25 +404,57 @@ class Trainer:
             raise DatasetError(_NO_NORMAL_IMAGES)
         return {key: value / steps for key, value in sums.items()}
 
-    def step(self, features: Any, epoch: int, batch_index: int = 0) -> dict[str, float]:
+    def step(
+        self,
+        features: Any,
+        epoch: int,
+        batch_index: int = 0,
+        *,
+        count: int | None = None,
+        total: int | None = None,
+    ) -> dict[str, float]:
         """One optimisation step on a batch of encoder features, or none at all.
 
         The step is taken only when the loss and every gradient are finite; otherwise the
         weights and the optimizer state stay as they were and
-        [`NonFiniteError`][cncad.errors.NonFiniteError] is raised.
+        [`NonFiniteError`][cncad.errors.NonFiniteError] is raised (on every process).
+
+        With several processes, this process holds ``count`` of the batch's ``total``
+        images (``features`` may stand in for none when ``count`` is 0: its loss then
+        weighs nothing). The objective each process differentiates is
+        ``W · ((count / total) · (L_distill + L_constraint) + L_moe)``, with L_moe on the
+        global gate mass: ``DistributedDataParallel`` averages the gradients over the W
+        processes, which leaves the gradient of the global batch's loss.
 
         Args:
-            features: Encoder features of one batch, on the device.
+            features: Encoder features of this process's part of the batch, on the device.
             epoch: The 0-based epoch.
             batch_index: Position of the batch in the epoch, for the message.
+            count: Images of the batch in this process (several processes only).
+            total: Images of the batch in all processes (several processes only).
 
         Returns:
-            The loss terms as floats, and ``grad_norm``: the gradient's global L2 norm
-            before clipping.
+            The loss terms of the whole batch as floats, and ``grad_norm``: the gradient's
+            global L2 norm before clipping.
         """
+        split = self.group.is_distributed and count is not None and total is not None
+        reduce = None
+        if split:
+            reduce = self.group.sum_with_local_gradient
+            if count == 0:
+                reduce = self._sum_without_local
         with autocast_for(self.device, self.config.bf16):
-            terms = self.model.loss(self.model.forward_features(features), epoch)
-        values = terms.as_floats()
+            output = self._student(features)
+            terms = self.model.loss(output, epoch, importance_reduce=reduce)
+        if split:
+            share = count / total
+            values = self._batch_values(terms, share)
+            objective = self.group.world_size * (
+                share * (terms.distill + terms.constraint) + terms.moe
+            )
+        else:
+            values = terms.as_floats()
+            objective = terms.total
         where = f"epoch {epoch}, batch {batch_index}"
         if not all(math.isfinite(value) for value in values.values()):
             raise NonFiniteError(
@@ -401,7 +463,7 @@ class Trainer:
                 "grad_clip_norm"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
+        objective.backward()
         grads = [p.grad for p in self.parameters if p.grad is not None]
         norm = _global_norm(grads)
         if not math.isfinite(norm):
@@ -419,36 +481,145 @@ class Trainer:
         self.optimizer.step()
         return {**values, "grad_norm": norm}
 
+    def _batch_values(self, terms: Any, share: float) -> dict[str, float]:
+        """The loss terms of the whole batch: mean terms weighted by share, L_moe as is."""
+        names = ("distill", "constraint", "align_encoder", "align_decoder")
+        local = torch.stack([getattr(terms, name).detach().float() * share for name in names])
+        summed = self.group.sum(local).tolist()
+        values = dict(zip(names, summed, strict=True))
+        values["moe"] = float(terms.moe.detach())  # already the global batch's
+        values["total"] = values["distill"] + values["constraint"] + values["moe"]
+        return {name: values[name] for name in terms._fields}
+
+    def _sum_without_local(self, local: Tensor) -> Tensor:
+        """The global importance when this process's batch part is a stand-in."""
+        return self.group.sum_with_local_gradient(local * 0.0)
+
+    def _wrap_for_processes(self) -> None:
+        """Wrap the trainable part in DistributedDataParallel (once per trainer)."""
+        if isinstance(self._student, DistributedDataParallel):
+            return
+        student = self._student
+        # Only the trainable parameters take part: the frozen encoder is neither
+        # broadcast at construction nor all-reduced, and no buffer is ever synchronised
+        # (all are ignored, so DDP's buffer broadcast has nothing to send).
+        frozen = [name for name, p in student.named_parameters() if not p.requires_grad]
+        frozen += [name for name, _ in student.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(student, frozen)
+        self._student = DistributedDataParallel(
+            student,
+            device_ids=[self.device] if self.device.type == "cuda" else None,
+            find_unused_parameters=True,  # top-K routing leaves some experts idle
+        )
+
     # ------------------------------------------------------------------ data
-    def _image_batches(self, data: DataLoader | Dataset, epoch: int | None) -> Iterator[Tensor]:
-        """Normal images on the device, in the epoch's order (stored order if None)."""
+    @property
+    def _num_images(self) -> int:
+        return len(self._slot_of)
+
+    def _local_part(self, batch: Tensor) -> Tensor:
+        return batch[positions_of_rank(len(batch), self.config.batch_size, *self._rank_pair())]
+
+    def _cached_batches(self, cache: FeatureCache, epoch: int) -> Iterator[tuple[Any, int]]:
+        """This process's part of every global batch, from the cache, with its size."""
         config = self.config
-        loader = data
-        if not isinstance(data, DataLoader):
-            order = None
-            if epoch is not None:
-                order = epoch_permutation(len(data), config.seed, epoch).tolist()
-            loader = DataLoader(
-                data,
-                batch_size=config.batch_size,
-                sampler=order,
-                num_workers=config.num_workers,
-                # Its own generator: worker seeds drawn from the global one would shift the
-                # training-noise stream between the cached and uncached paths.
-                generator=torch.Generator().manual_seed(config.seed),
-            )
-        for batch in loader:
-            images = normal_images(batch)
-            if images is not None:
-                yield model_input(images, config.image_size, self.device)
+        for batch in epoch_batches(self._num_images, config.batch_size, config.seed, epoch):
+            slots = self._slot_of[self._local_part(batch)]
+            slots = slots[slots >= 0]  # defective images and other processes' images
+            if len(slots):
+                yield cache.get(slots, self.device), len(slots)
+            else:  # a stand-in that weighs nothing, so that every process steps
+                yield cache.get([0], self.device), 0
+
+    def _encoded_batches(self, data: DataLoader | Dataset, epoch: int) -> Iterator[Any]:
+        """This process's part of every global batch, encoded now (no cache), with its size."""
+        if isinstance(data, DataLoader):  # one process: the loader's own batches and order
+            for batch in data:
+                images, normal = split_batch(batch)
+                count = int(normal.sum())
+                yield (self._encode(self._to_model(images[normal])) if count else None), count
+            return
+        config = self.config
+        parts = [
+            self._local_part(batch).tolist()
+            for batch in epoch_batches(len(data), config.batch_size, config.seed, epoch)
+        ]
+        loaded = iter(self._loader(data, [part for part in parts if part]))
+        for part in parts:
+            features, count = None, 0
+            if part:
+                images, normal = split_batch(next(loaded))
+                count = int(normal.sum())
+                if count:
+                    features = self._encode(self._to_model(images[normal]))
+                    self._spare = features
+            if count == 0 and self.group.is_distributed:
+                features = self._spare_features(data)  # a stand-in that weighs nothing
+            yield features, count
+
+    def _spare_features(self, data: Dataset) -> Any:
+        """Features to run the model on when this process has no image in a batch."""
+        if self._spare is None:
+            index = int(shard_indices(len(data), self.config.batch_size, *self._rank_pair())[0])
+            images, _ = split_batch(next(iter(self._loader(data, [[index]]))))
+            self._spare = self._encode(self._to_model(images))
+        return self._spare
+
+    def _rank_pair(self) -> tuple[int, int]:
+        return self.group.world_size, self.group.rank
+
+    def _loader(self, data: Dataset, batches: list[list[int]]) -> DataLoader:
+        return DataLoader(
+            data,
+            batch_sampler=batches,
+            num_workers=self.config.num_workers,
+            # Its own generator: worker seeds drawn from the global one would shift the
+            # training-noise stream between the cached and uncached paths.
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+
+    def _to_model(self, images: Tensor) -> Tensor:
+        return model_input(images, self.config.image_size, self.device)
 
     def _encode(self, images: Tensor) -> Any:
         with autocast_for(self.device, self.config.bf16):
             return self.model.encode(images)
 
-    def _encoded_batches(self, data: DataLoader | Dataset, epoch: int) -> Iterator[Any]:
-        for images in self._image_batches(data, epoch):
-            yield self._encode(images)
+    def _shard_stream(self, data: DataLoader | Dataset) -> Iterator[Tensor]:
+        """The normal images of this process's shard, model-ready, in index order.
+
+        Records their indices in ``cached_indices`` and the number of images (or stream
+        positions) in ``_slot_of``'s length as it goes.
+        """
+        config = self.config
+        kept: list[Tensor] = []
+        if isinstance(data, DataLoader):
+            seen = 0
+            for batch in data:
+                images, normal = split_batch(batch)
+                positions = torch.arange(seen, seen + len(images))
+                seen += len(images)
+                mine = normal & ((positions % config.batch_size) % self.group.world_size
+                                 == self.group.rank)  # fmt: skip
+                if mine.any():
+                    kept.append(positions[mine])
+                    yield self._to_model(images[mine])
+            total = seen
+        else:
+            total = len(data)
+            owned = shard_indices(total, config.batch_size, *self._rank_pair()).tolist()
+            chunks = [
+                owned[i : i + config.batch_size] for i in range(0, len(owned), config.batch_size)
+            ]
+            for chunk, batch in zip(chunks, self._loader(data, chunks), strict=True):
+                images, normal = split_batch(batch)
+                if normal.any():
+                    kept.append(torch.tensor(chunk)[normal])
+                    yield self._to_model(images[normal])
+        indices = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
+        self.cached_indices = indices
+        self._slot_of = torch.full((total,), -1, dtype=torch.long)
+        self._slot_of[indices] = torch.arange(len(indices))
 
     def _build_cache(
         self,
@@ -459,10 +630,12 @@ class Trainer:
         progress: bool,
     ) -> FeatureCache:
         max_images = _num_items(data)
+        if max_images is not None:  # this process's shard, an upper bound for DataLoaders too
+            max_images = len(shard_indices(max_images, self.config.batch_size, *self._rank_pair()))
         try:
             return FeatureCache.build(
                 self._encode,
-                self._image_batches(data, epoch=None),
+                self._shard_stream(data),
                 max_images,
                 dtype=dtype,
                 memory_limit_gib=memory_gib,
@@ -470,7 +643,21 @@ class Trainer:
                 progress=progress,
             )
         except DatasetError:
-            raise DatasetError(_NO_NORMAL_IMAGES) from None
+            where = (
+                f" in the shard of process {self.group.rank}" if self.group.is_distributed else ""
+            )
+            raise DatasetError(_NO_NORMAL_IMAGES + where) from None
+
+
+class _Student(nn.Module):
+    """The part of the model that trains, as the module DistributedDataParallel wraps."""
+
+    def __init__(self, model: CNCModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: Any) -> Any:
+        return self.model.forward_features(features)
 
 
 def _global_norm(grads: list[Tensor]) -> float:
@@ -510,11 +697,16 @@ def _sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _num_batches(data: DataLoader | Dataset, batch_size: int) -> int | None:
+def _batch_count(n: int | None, batch_size: int) -> int | None:
+    """Batches of an epoch of n images (see ``epoch_batches``); None when n is unknown."""
+    if n is None:
+        return None
+    return max(1, n // batch_size) if n else 0
+
+
+def _own_length(loader: DataLoader) -> int | None:
     try:
-        if isinstance(data, DataLoader):
-            return len(data)
-        return math.ceil(len(data) / batch_size)  # type: ignore[arg-type]
+        return len(loader)
     except TypeError:  # iterable-style data without a length
         return None
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from cncad import CNCDetector
-from cncad.data.cache import FeatureCache, epoch_permutation, remove_stale_cache_files
+from cncad.data.cache import FeatureCache, remove_stale_cache_files
 from cncad.encoders.base import EncoderFeatures
 
 
@@ -83,7 +83,7 @@ def test_batches_follow_the_order_and_keep_none_fields():
 
     images, batches = image_batches(7, 4)
     cache = FeatureCache.build(encode, batches, None, dtype=torch.float32, progress=False)
-    order = epoch_permutation(7, seed=1, epoch=0)
+    order = torch.randperm(7, generator=torch.Generator().manual_seed(1))
     served = list(cache.batches(3, order))
     assert [len(b.patch_tokens[0]) for b in served] == [3, 3, 1]
     assert all(b.class_tokens is None for b in served)
@@ -116,14 +116,6 @@ def test_encoder_output_must_be_a_named_tuple_of_tensor_lists():
         FeatureCache.build(
             lambda x: Features(None, x), [torch.zeros(1, 3, 2, 2)], 1, progress=False
         )
-
-
-def test_epoch_permutation_is_seeded_and_changes_with_the_epoch():
-    a = epoch_permutation(20, seed=0, epoch=0)
-    assert torch.equal(a, epoch_permutation(20, seed=0, epoch=0))
-    assert sorted(a.tolist()) == list(range(20))
-    assert not torch.equal(a, epoch_permutation(20, seed=0, epoch=1))
-    assert not torch.equal(a, epoch_permutation(20, seed=1, epoch=0))
 
 
 def _train(cache: bool, data, **fit_options) -> CNCDetector:

@@ -1,11 +1,12 @@
 """Data loading: image and mask decoding, preprocessing, datasets and synthetic data.
 
 The public names are re-exported here; see [`cncad.data.transforms`][cncad.data.transforms],
-[`cncad.data.folder`][cncad.data.folder], [`cncad.data.synthetic`][cncad.data.synthetic] and
-[`cncad.data.cache`][cncad.data.cache] for details.
+[`cncad.data.folder`][cncad.data.folder], [`cncad.data.synthetic`][cncad.data.synthetic],
+[`cncad.data.cache`][cncad.data.cache] and [`cncad.data.sampling`][cncad.data.sampling] for
+details.
 """
 
-from cncad.data.cache import FeatureCache, epoch_permutation, remove_stale_cache_files
+from cncad.data.cache import FeatureCache, remove_stale_cache_files
 from cncad.data.folder import (
     MASK_EXTENSIONS,
     NORMAL_FOLDER_NAMES,
@@ -14,6 +15,7 @@ from cncad.data.folder import (
     ImageFolderDataset,
     find_categories,
 )
+from cncad.data.sampling import epoch_batches
 from cncad.data.synthetic import (
     DEFECT_TYPES,
     SYNTHETIC_CATEGORIES,
@@ -50,7 +52,7 @@ __all__ = [
     "ImageInput",
     "ImageReadError",
     "denormalize",
-    "epoch_permutation",
+    "epoch_batches",
     "find_categories",
     "is_image_file",
     "load_image",

@@ -45,31 +45,13 @@ from tqdm.auto import tqdm
 
 from cncad.errors import DatasetError
 
-__all__ = ["FeatureCache", "epoch_permutation", "remove_stale_cache_files"]
+__all__ = ["FeatureCache", "remove_stale_cache_files"]
 
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
 _FILE_PREFIX = "cncad-features-"
 _FILE_PATTERN = re.compile(
     re.escape(_FILE_PREFIX) + r"(?P<host>[A-Za-z0-9_.]+)-(?P<pid>[0-9]+)-[0-9a-f]{32}\.f(?:16|32)"
 )
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
-    """The order in which training visits ``n`` images in ``epoch``.
-
-    Shared by the cached and the uncached training paths so that both see the same
-    batches for the same seed.
-
-    Args:
-        n: Number of training images.
-        seed: The configuration's seed.
-        epoch: 0-based epoch.
-
-    Returns:
-        ``(n,)`` int64 permutation.
-    """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator)
 
 
 class _Layout(NamedTuple):
@@ -289,7 +271,7 @@ class FeatureCache:
         Args:
             batch_size: Images per batch; the last batch may be smaller.
             order: ``(N,)`` permutation of the image indices, e.g.
-                [`epoch_permutation`][cncad.data.cache.epoch_permutation].
+                the flattened [`epoch_batches`][cncad.data.sampling.epoch_batches].
             device: Where to put the tensors.
 
         Yields:

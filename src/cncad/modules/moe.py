@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -26,7 +27,9 @@ class MoEOutput(NamedTuple):
     expert_indices: Tensor
 
 
-def importance_loss(gates: Tensor, eps: float = 1e-10) -> Tensor:
+def importance_loss(
+    gates: Tensor, eps: float = 1e-10, *, reduce: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Importance loss of the router (eq. 15), in its scale-free form.
 
     Eq. 15 as printed divides the squared standard deviation of a *sum* over tokens by the
@@ -40,14 +43,23 @@ def importance_loss(gates: Tensor, eps: float = 1e-10) -> Tensor:
     same total gate mass and independent of the number of tokens (scaling I leaves it
     unchanged); for T = 1 it is 0.
 
+    The loss is a statistic of the whole batch's gate mass, not a mean over images, so
+    with the batch split over processes ``reduce`` sums the ``(T,)`` importance vector over
+    them first (e.g.
+    [`sum_with_local_gradient`][cncad.distributed.ProcessGroup.sum_with_local_gradient]);
+    every process then computes the loss of the global batch.
+
     Args:
         gates: ``(R, T)`` router probabilities for R tokens.
         eps: Numerical guard of the denominator.
+        reduce: Maps this batch's ``(T,)`` importance to the global batch's; None keeps it.
 
     Returns:
         Scalar tensor.
     """
-    importance = gates.float().sum(dim=0)
+    importance = gates.float().sum(dim=0)  # (T,)
+    if reduce is not None:
+        importance = reduce(importance)
     return importance.var(unbiased=False) / (importance.mean() ** 2 + eps)
 
 
