@@ -155,6 +155,8 @@ def _edited(saved: Path, tmp_path: Path, edit) -> Path:
         (lambda p: p["state_dict"].update(x=1.0), "non-tensor entry"),
         (lambda p: p.update(kind="weights"), "'kind' is 'weights'"),
         (lambda p: p.update(training={"optimizer": 3}), "no optimizer state"),
+        (lambda p: p.update(normal_statistics={"map_p50": "x"}), "'normal_statistics'"),
+        (lambda p: p.update(normal_statistics=[1.0]), "'normal_statistics'"),
     ],
 )
 def test_malformed_files_are_one_line_model_file_errors(saved, tmp_path, edit, message):

@@ -632,3 +632,39 @@ def test_evaluate_needs_an_mvtec_test_split(
 def test_debug_shows_the_original_exception(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no_such_data"):
         main(["fit", str(tmp_path / "no_such_data"), "--debug", *TINY])
+
+
+def test_predict_scale_comes_from_the_models_statistics_and_extra_outputs(
+    model_file: Path, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    detector = CNCDetector.load(model_file)
+    stats = detector.normal_statistics
+    low, high = stats["map_p50"], 2 * stats["map_p999"] - stats["map_p50"]
+    image = data_root / "bolt_like" / "test" / "good" / "000.png"
+    out = tmp_path / "results"
+    argv = ["predict", str(model_file), str(image), "--out", str(out), "--quiet"]
+    threshold = float(detector.predict(str(image)).anomaly_map.median())
+    argv += ["--save-maps", "npy", "--save-masks", "--threshold", str(threshold)]
+    assert main(argv) == 0
+    assert f"colour scale (fixed): {low:.6g} (blue) to {high:.6g} (red)" in capsys.readouterr().out
+    amap = np.load(out / "000.map.npy")
+    expected = detector.predict(str(image)).anomaly_map[0].numpy()
+    np.testing.assert_allclose(amap, expected, rtol=1e-6, atol=1e-6)
+    mask = np.asarray(Image.open(out / "000.mask.png"))
+    assert set(np.unique(mask)) <= {0, 255}
+    assert ((mask == 255) == (amap >= threshold)).mean() > 0.999
+
+    png16 = tmp_path / "png16"
+    argv = ["predict", str(model_file), str(image), "--out", str(png16), "--quiet"]
+    assert main([*argv, "--save-maps", "png16", "--num-workers", "0"]) == 0
+    levels = np.asarray(Image.open(png16 / "000.map.png")).astype(np.float64)
+    map_range = 2.0 * len(detector.model.layers)
+    np.testing.assert_allclose(levels * map_range / 65535, expected, atol=map_range / 65535)
+
+
+def test_predict_save_masks_needs_a_threshold(
+    model_file: Path, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = data_root / "bolt_like" / "test" / "good" / "000.png"
+    argv = ["predict", str(model_file), str(image), "--out", str(tmp_path / "o"), "--save-masks"]
+    _assert_one_line_error(capsys, main(argv), "--save-masks needs a threshold")

@@ -233,3 +233,51 @@ def test_a_model_saved_after_training_predicts_like_the_trained_one(dataset_root
     path = detector.save(tmp_path / "model.cnc")
     expected = detector.predict(images).pred_score
     assert torch.equal(CNCDetector.load(path).predict(images).pred_score, expected)
+
+
+def test_predict_iter_streams_what_predict_returns_in_input_order(fitted, dataset_root):
+    generator = torch.Generator().manual_seed(3)
+    inputs = [torch.rand(3, 40 + 7 * i, 50, generator=generator) for i in range(7)]
+    whole = fitted.predict(inputs, batch_size=3)
+    for workers in (0, 2):
+        batches = list(fitted.predict_iter(iter(inputs), 3, num_workers=workers, progress=False))
+        assert [len(b.indices) for b in batches] == [3, 3, 1]
+        assert [i for b in batches for i in b.indices] == list(range(7))
+        assert torch.equal(torch.cat([b.pred_score for b in batches]), whole.pred_score)
+        maps = [m for b in batches for m in b.anomaly_map]
+        assert all(torch.equal(a, b) for a, b in zip(maps, whole.anomaly_map, strict=True))
+        assert all(b.images is None and b.failures == [] for b in batches)
+
+
+def test_predict_iter_reads_folders_keeps_images_and_skips_bad_files(fitted, tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for name, size in (("a.png", 30), ("c.png", 44)):
+        Image.fromarray(np.full((size, size, 3), 128, np.uint8)).save(folder / name)
+    (folder / "b.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"b\.png"):
+        list(fitted.predict_iter(folder, progress=False))
+    batches = list(
+        fitted.predict_iter(
+            folder, 2, num_workers=2, progress=False, keep_images=True, on_error="skip"
+        )
+    )
+    assert [p for b in batches for p in b.paths] == [str(folder / "a.png"), str(folder / "c.png")]
+    failures = [f for b in batches for f in b.failures]
+    assert [(f.index, f.source) for f in failures] == [(1, str(folder / "b.png"))]
+    assert "b.png" in failures[0].reason and "\n" not in failures[0].reason
+    images = [image for b in batches for image in b.images]
+    assert [tuple(image.shape) for image in images] == [(3, 30, 30), (3, 44, 44)]
+    assert [tuple(m.shape) for b in batches for m in b.anomaly_map] == [(30, 30), (44, 44)]
+
+
+def test_predict_iter_validates_its_arguments(fitted):
+    image = torch.rand(3, 20, 20)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        next(fitted.predict_iter([image], batch_size=0))
+    with pytest.raises(TypeError, match="num_workers must be an integer"):
+        next(fitted.predict_iter([image], num_workers=1.5))
+    with pytest.raises(ValueError, match="on_error"):
+        next(fitted.predict_iter([image], on_error="ignore"))
+    with pytest.raises(ValueError, match="no images"):
+        fitted.predict([])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cncad import evaluation
 from cncad.evaluation import (
     AUPRO,
     I_AP,
@@ -97,6 +98,81 @@ def test_results_do_not_depend_on_batching_or_repeated_compute() -> None:
     first = one_by_one.compute()
     assert first == all_at_once.compute()
     assert one_by_one.compute() == first
+
+
+def make_odd_test_set(
+    rng: np.random.Generator, n_images: int, height: int, width: int, category: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Like ``make_test_set`` with ``height x width`` maps, tied scores, touching blobs."""
+    labels = rng.random(n_images) < 0.5
+    labels[:2] = [True, False]
+    masks = np.zeros((n_images, height, width), dtype=bool)
+    for index in np.flatnonzero(labels):
+        for _ in range(rng.integers(1, 4)):
+            row, col = rng.integers(0, height - 3), rng.integers(0, width - 3)
+            masks[index, row : row + rng.integers(1, 9), col : col + rng.integers(1, 9)] = True
+    masks[0, -2:, -2:] = True  # the last pixel sits in the padding byte of the packed row
+    maps = (rng.integers(0, 40, masks.shape) + 9 * masks).astype(np.float32)
+    scores = maps.max(axis=(1, 2)) + rng.integers(0, 3, n_images)
+    return scores, labels, maps, masks, [category] * n_images
+
+
+@pytest.mark.parametrize("map_dtype", [np.float32, np.float16])
+def test_compact_storage_gives_bit_identical_metrics(
+    monkeypatch: pytest.MonkeyPatch, map_dtype: type[np.floating]
+) -> None:
+    # Slabs of at most 5 odd-sized maps: batches straddle slabs, slabs grow 3, 5, 5, ...
+    monkeypatch.setattr(evaluation, "_SLAB_BYTES", 5 * 37 * 53 * np.dtype(map_dtype).itemsize)
+    rng = np.random.default_rng(10)
+    odd = make_odd_test_set(rng, 23, 37, 53, "odd")
+    square = make_test_set(rng, n_images=18, size=16)
+    evaluator = AnomalyEvaluator(map_dtype=map_dtype)
+    feed(evaluator, square, batch_size=3)
+    feed(evaluator, odd, batch_size=3)
+    results = evaluator.compute()
+
+    for data, category in [(odd, "odd"), *((square, c) for c in CATEGORIES)]:
+        scores, labels, maps, masks, categories = data
+        reference = (scores, labels, maps.astype(map_dtype), masks, categories)
+        assert results["per_category"][category] == expected_row(reference, category)
+    assert evaluator.compute() == results
+
+
+def test_update_after_compute_equals_one_pass() -> None:
+    rng = np.random.default_rng(11)
+    data = make_odd_test_set(rng, 30, 37, 53, "odd")
+    in_two_parts, in_one = AnomalyEvaluator(), AnomalyEvaluator()
+    scores, labels, maps, masks, categories = data
+    in_two_parts.update(scores[:12], labels[:12], maps[:12], masks[:12], categories[:12])
+    in_two_parts.compute()
+    in_two_parts.update(scores[12:], labels[12:], maps[12:], masks[12:], categories[12:])
+    feed(in_one, data, batch_size=7)
+    results = in_two_parts.compute()
+    assert results == in_one.compute()
+    assert results["per_category"]["odd"] == expected_row(data, "odd")
+
+
+def test_masks_are_stored_one_bit_per_pixel() -> None:
+    rng = np.random.default_rng(12)
+    scores, labels, maps, masks, categories = make_odd_test_set(rng, 6, 37, 53, "odd")
+    evaluator = AnomalyEvaluator()
+    evaluator.update(scores, labels, maps, masks, categories)
+    stored = evaluator._buffers["odd"]
+    packed, kept_maps = stored.masks.first(), stored.maps.first()
+    assert packed.dtype == np.uint8 and packed.shape == (6, (37 * 53 + 7) // 8)
+    unpacked = np.unpackbits(packed, axis=1, count=37 * 53).reshape(masks.shape)
+    np.testing.assert_array_equal(unpacked.view(bool), masks)
+    assert kept_maps.dtype == np.float32
+    np.testing.assert_array_equal(kept_maps, maps)
+
+
+def test_rejected_batch_is_not_kept() -> None:
+    evaluator = AnomalyEvaluator()
+    with pytest.raises(ValueError, match="strings"):
+        evaluator.update(
+            np.zeros(2), np.zeros(2), np.zeros((2, 4, 4)), np.zeros((2, 4, 4)), ["a", 3]
+        )
+    assert len(evaluator) == 0 and evaluator.categories == ()
 
 
 def test_aupro_options_are_forwarded() -> None:

@@ -338,3 +338,16 @@ def test_a_deep_copy_trains_on_its_own(data_root):
     detector.fit(data_root, progress=False)
     _assert_identical(_weights(twin), _weights(detector))
     assert twin.epochs_trained == detector.epochs_trained == 2
+
+
+def test_fit_measures_the_normal_statistics_and_saves_them(data_root, tmp_path):
+    detector = _detector(epochs=1).fit(data_root, progress=False)
+    stats = detector.normal_statistics
+    assert stats["images"] == 8
+    assert stats["map_p50"] <= stats["map_p99"] <= stats["map_p999"] <= stats["map_max"]
+    assert stats["score_p50"] <= stats["score_max"] <= stats["map_max"] + 1e-6
+    maps = detector.predict([torch.rand(3, 56, 56) for _ in range(2)]).anomaly_map
+    assert maps.min() > 0  # on the same scale as real maps
+    loaded = CNCDetector.load(detector.save(tmp_path / "m.cnc"))
+    assert loaded.normal_statistics == stats
+    assert _detector(epochs=1).fit(data_root, progress=False, cache=False).normal_statistics is None

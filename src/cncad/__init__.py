@@ -12,31 +12,32 @@ __version__ = "0.2.0"
 
 import importlib
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cncad.config import CNCConfig
-from cncad.detector import CNCDetector, Prediction
-from cncad.errors import (
-    CNCADError,
-    DatasetError,
-    ModelFileError,
-    ModelVersionError,
-    NonFiniteError,
-    TrainingBusyError,
-)
-from cncad.evaluation import AnomalyEvaluator
-from cncad.model import CNCModel
-from cncad.modules import (
-    FeatureNoise,
-    FeatureNormalityPromotion,
-    GatedMoE,
-    MultiLayerFusion,
-    PromptLearner,
-    ResidualAttentionDecoder,
-    importance_loss,
-)
-from cncad.scoring import anomaly_map, image_score
-from cncad.training import Trainer
+if TYPE_CHECKING:
+    from cncad.config import CNCConfig
+    from cncad.detector import CNCDetector, Prediction, PredictionBatch
+    from cncad.errors import (
+        CNCADError,
+        DatasetError,
+        ModelFileError,
+        ModelVersionError,
+        NonFiniteError,
+        TrainingBusyError,
+    )
+    from cncad.evaluation import AnomalyEvaluator
+    from cncad.model import CNCModel
+    from cncad.modules import (
+        FeatureNoise,
+        FeatureNormalityPromotion,
+        GatedMoE,
+        MultiLayerFusion,
+        PromptLearner,
+        ResidualAttentionDecoder,
+        importance_loss,
+    )
+    from cncad.scoring import anomaly_map, image_score
+    from cncad.training import Trainer
 
 __all__ = [
     "AnomalyEvaluator",
@@ -53,6 +54,7 @@ __all__ = [
     "MultiLayerFusion",
     "NonFiniteError",
     "Prediction",
+    "PredictionBatch",
     "PromptLearner",
     "ResidualAttentionDecoder",
     "Trainer",
@@ -87,8 +89,54 @@ _MOVED = {
 }
 
 
+# Where each public name is defined. They are imported on first access (PEP 562), so that
+# ``import cncad`` and the command line's ``--help`` do not pay for torch and open_clip.
+_PUBLIC = {
+    "AnomalyEvaluator": "cncad.evaluation",
+    "CNCADError": "cncad.errors",
+    "CNCConfig": "cncad.config",
+    "CNCDetector": "cncad.detector",
+    "CNCModel": "cncad.model",
+    "DatasetError": "cncad.errors",
+    "FeatureNoise": "cncad.modules",
+    "FeatureNormalityPromotion": "cncad.modules",
+    "GatedMoE": "cncad.modules",
+    "ModelFileError": "cncad.errors",
+    "ModelVersionError": "cncad.errors",
+    "MultiLayerFusion": "cncad.modules",
+    "NonFiniteError": "cncad.errors",
+    "Prediction": "cncad.detector",
+    "PredictionBatch": "cncad.detector",
+    "PromptLearner": "cncad.modules",
+    "ResidualAttentionDecoder": "cncad.modules",
+    "Trainer": "cncad.training",
+    "TrainingBusyError": "cncad.errors",
+    "anomaly_map": "cncad.scoring",
+    "image_score": "cncad.scoring",
+    "importance_loss": "cncad.modules",
+}
+
+
 def __getattr__(name: str) -> Any:
-    """Keep ``from cncad import <moved name>`` working for a while, with a warning."""
+    """Import a public name from its module on first access.
+
+    Names that cncad 0.1 exported here and that now live only in their own module still
+    import, with a ``DeprecationWarning`` that names the module.
+
+    Args:
+        name: The attribute looked up on ``cncad``.
+
+    Returns:
+        The object ``name`` refers to.
+
+    Raises:
+        AttributeError: ``name`` is neither public nor a moved name.
+    """
+    module = _PUBLIC.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # later look-ups no longer reach __getattr__
+        return value
     module = _MOVED.get(name)
     if module is None:
         raise AttributeError(f"module 'cncad' has no attribute {name!r}")
@@ -96,3 +144,8 @@ def __getattr__(name: str) -> Any:
         f"cncad.{name} has moved: import it from {module}", DeprecationWarning, stacklevel=2
     )
     return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    """The module's attributes, the public names not imported yet included."""
+    return sorted(set(globals()) | set(__all__))

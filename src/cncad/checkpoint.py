@@ -13,6 +13,7 @@ only, so it loads with ``torch.load(..., weights_only=True)``:
 | ``threshold``, ``pixel_threshold`` | floats or None |
 | ``epochs_trained``, ``history`` | the training progress and one dict of loss means per epoch |
 | ``training`` | checkpoints only: ``{"optimizer": Adam's state_dict}`` |
+| ``normal_statistics`` | map and score quantiles on normal training images, or None |
 | ``checksum`` | ``"sha256:<hex>"`` of everything above |
 
 The checksum is computed over the values, not the bytes of the pickle (see
@@ -79,6 +80,8 @@ class DetectorFile:
         kind: ``"detector"`` or ``"checkpoint"``.
         optimizer_state: Adam's ``state_dict`` (checkpoints only), else None.
         cncad_version: The cncad version that wrote the file.
+        normal_statistics: Map and score quantiles of the trained model on its normal
+            training images (see [`Trainer`][cncad.training.Trainer]), or None.
     """
 
     config: CNCConfig
@@ -90,6 +93,7 @@ class DetectorFile:
     kind: str = "detector"
     optimizer_state: dict[str, Any] | None = None
     cncad_version: str = __version__
+    normal_statistics: dict[str, float] | None = None
 
 
 def content_checksum(payload: dict[str, Any]) -> str:
@@ -167,6 +171,7 @@ def write_detector_file(path: str | os.PathLike, contents: DetectorFile) -> Path
         "epochs_trained": int(contents.epochs_trained),
         "history": [dict(row) for row in contents.history],
         "training": None,
+        "normal_statistics": contents.normal_statistics,
     }
     if contents.optimizer_state is not None:
         optimizer_state = _to_cpu(contents.optimizer_state)
@@ -275,7 +280,17 @@ def _validated(path: Path, payload: dict[str, Any]) -> DetectorFile:
             raise ModelFileError(f"{path} is damaged: 'training' has no optimizer state")
         optimizer_state = training["optimizer"]
         _refuse_non_finite(_tensors_of(optimizer_state), "optimizer moments", path)
+    statistics = payload.get("normal_statistics")
+    if statistics is not None and not (
+        isinstance(statistics, dict)
+        and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v)
+            for k, v in statistics.items()
+        )
+    ):
+        raise ModelFileError(f"{path} is damaged: 'normal_statistics' should map names to numbers")
     return DetectorFile(
+        normal_statistics=None if statistics is None else dict(statistics),
         config=config,
         state_dict=state,
         threshold=thresholds[0],

@@ -9,6 +9,9 @@ instead. See ``docs/cli.md``.
 
 from __future__ import annotations
 
+# Only modules that leave torch, open_clip and timm unimported belong at the top, so that
+# --help and argument errors answer at once; tests/test_startup.py checks this. The
+# commands import the rest when they run.
 import argparse
 import contextlib
 import csv
@@ -16,32 +19,28 @@ import gc
 import io
 import json
 import math
+import os
 import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from torch.utils.data import Dataset
-
-from cncad.checkpoint import CHECKPOINT_NAME
 from cncad.config import CNCConfig
-from cncad.data import (
-    NORMAL_FOLDER_NAMES,
-    AnomalyFolder,
-    ImageFolderDataset,
-    find_categories,
-    load_image,
-)
-from cncad.distributed import is_main_process
 from cncad.errors import CNCADError, DatasetError
 from cncad.files import atomic_write, check_output_dir, check_output_file, save_image_atomic
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch.utils.data import Dataset
 
 __all__ = ["build_parser", "main"]
 
 _DEFAULTS = CNCConfig()
+
+#: ``cncad.checkpoint.CHECKPOINT_NAME``, copied because that module imports torch.
+_CHECKPOINT_NAME = "last.ckpt"
 
 _TINY_NOTE = (
     "note: the 'tiny' backbone is a small randomly initialised CLIP. These figures measure "
@@ -117,6 +116,8 @@ def _check_not_a_split_folder(root: Path) -> None:
 
     Read as a plain folder, its defect subfolders would be taken as normal images.
     """
+    from cncad.data import NORMAL_FOLDER_NAMES
+
     subdirs = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     normal = [name for name in subdirs if name.lower() in NORMAL_FOLDER_NAMES]
     others = [name for name in subdirs if name.lower() not in NORMAL_FOLDER_NAMES]
@@ -136,6 +137,8 @@ def _training_data(root: Path, image_size: int) -> tuple[Dataset, str]:
     then the normal images of every category's ``train/good`` are used. Otherwise it is a plain
     folder: every image file under it, searched recursively, is a normal image.
     """
+    from cncad.data import AnomalyFolder, ImageFolderDataset, find_categories
+
     _existing_dir(root, "data folder")
     try:
         find_categories(root)
@@ -227,7 +230,7 @@ def _fit(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, inputs=resumed, what="--out")
     if args.checkpoint_dir is not None:
         check_output_dir(args.checkpoint_dir, what="--checkpoint-dir")
-        if out.parent == Path(args.checkpoint_dir).resolve() and out.name == CHECKPOINT_NAME:
+        if out.parent == Path(args.checkpoint_dir).resolve() and out.name == _CHECKPOINT_NAME:
             raise ValueError(f"--out must not be the checkpoint file {out}")
 
     start = time.perf_counter()
@@ -270,7 +273,7 @@ def _fit(args: argparse.Namespace) -> int:
         )
     _print_training_loss(detector.history)
     if args.checkpoint_dir is not None:
-        print(f"checkpoint: {Path(args.checkpoint_dir) / CHECKPOINT_NAME}")
+        print(f"checkpoint: {Path(args.checkpoint_dir) / _CHECKPOINT_NAME}")
     path = detector.save(out)
     print(f"saved the trained detector to {path} ({time.perf_counter() - start:.1f} s)")
     return 0
@@ -288,6 +291,8 @@ def _image_list(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
     relative to it, under a folder named like it. Names that would clash get ``-2``,
     ``-3``, ... appended.
     """
+    from cncad.data import ImageFolderDataset
+
     pairs: list[tuple[Path, Path]] = []
     for item in inputs:
         path = Path(item)
@@ -326,16 +331,14 @@ def _check_predict_outputs(out: Path, images: list[tuple[Path, Path]], model: Pa
 
 
 def _write_overlay(
-    path: Path, image: Any, amap: np.ndarray, alpha: float, vmin: float, vmax: float
+    path: Path, picture: np.ndarray, amap: np.ndarray, alpha: float, vmin: float, vmax: float
 ) -> None:
-    """Save the heatmap overlay of ``amap`` ``(H, W)`` on ``image`` (PIL image or file)."""
+    """Save the heatmap overlay of ``amap`` ``(H, W)`` on ``picture`` ``(H, W, 3)`` uint8."""
+    import numpy as np
     from PIL import Image
 
     from cncad.visualize import overlay
 
-    if isinstance(image, Path):
-        image = load_image(image)
-    picture = np.asarray(image)
     heatmap = Image.fromarray(overlay(picture, amap.astype(np.float32), alpha, vmin, vmax))
     save_image_atomic(heatmap, path)
 
@@ -352,8 +355,32 @@ def _write_scores(
             writer.writerow([str(image), f"{score:.8g}", *flag])
 
 
+def _colour_scale(args: argparse.Namespace, detector: Any) -> tuple[float, float] | None:
+    """``(vmin, vmax)`` fixed before the first image, or None to take it from the first batch.
+
+    ``--vmin``/``--vmax`` win; the rest comes from the detector's statistics on its own
+    normal training images: blue at their median map value, their 99.9th percentile half
+    way up, red from as far again above it.
+    """
+    stats = detector.normal_statistics
+    low = args.vmin
+    high = args.vmax
+    if stats is not None:
+        spread = stats["map_p999"] - stats["map_p50"]
+        low = stats["map_p50"] if low is None else low
+        high = stats["map_p999"] + spread if high is None else high
+    if low is None or high is None:
+        return None
+    if low >= high:
+        raise ValueError(
+            f"the colour scale would run from {low:.6g} to {high:.6g}; give both --vmin and --vmax"
+        )
+    return low, high
+
+
 def _predict(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    import numpy as np
+    import torch
 
     if args.vmin is not None and args.vmax is not None and args.vmin >= args.vmax:
         raise ValueError(f"--vmin ({args.vmin:g}) must be below --vmax ({args.vmax:g})")
@@ -367,46 +394,74 @@ def _predict(args: argparse.Namespace) -> int:
     detector = _load_detector(args.model, **overrides)
     if args.threshold is not None:
         detector.threshold = args.threshold
-    stream = args.vmin is not None and args.vmax is not None
-    batch_size = detector.config.batch_size
+    pixel_threshold = detector.pixel_threshold
+    if pixel_threshold is None:
+        pixel_threshold = detector.threshold
+    if args.save_masks and pixel_threshold is None:
+        raise ValueError("--save-masks needs a threshold: pass --threshold or calibrate the model")
+    scale = _colour_scale(args, detector)
+    scale_source = "fixed" if scale is not None else "first batch"
+    map_range = 2.0 * len(detector.model.layers)  # each layer adds 1 - cos in [0, 2]
     scores: list[float] = []
     labels: list[bool] = []
-    kept: list[np.ndarray] = []
-    low, high = math.inf, -math.inf
-    with tqdm(total=len(images), desc="predict", unit="img", disable=args.quiet) as bar:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            pictures = [load_image(image) for image, _ in chunk]
-            prediction = detector.predict(pictures)
-            scores.extend(float(s) for s in prediction.pred_score)
-            if prediction.pred_label is not None:
-                labels.extend(bool(x) for x in prediction.pred_label)
-            maps = prediction.anomaly_map
-            for (_, target), picture, amap in zip(chunk, pictures, maps, strict=True):
-                values = amap.float().numpy()
-                low, high = min(low, float(values.min())), max(high, float(values.max()))
-                if stream:
-                    _write_overlay(out / target, picture, values, args.alpha, args.vmin, args.vmax)
-                else:
-                    kept.append(values.astype(np.float16))
-            bar.update(len(chunk))
-
-    vmin = args.vmin if args.vmin is not None else low
-    vmax = args.vmax if args.vmax is not None else high
-    if not stream:
-        for (image, target), values in zip(images, kept, strict=True):
-            _write_overlay(out / target, image, values, args.alpha, vmin, vmax)
+    batches = detector.predict_iter(
+        [image for image, _ in images],
+        num_workers=args.num_workers,
+        progress=not args.quiet,
+        keep_images=True,
+    )
+    for batch in batches:
+        scores.extend(float(score) for score in batch.pred_score)
+        if batch.pred_label is not None:
+            labels.extend(bool(flag) for flag in batch.pred_label)
+        if scale is None:  # an old model without statistics: fixed from the first batch
+            scale = (
+                min(float(m.min()) for m in batch.anomaly_map),
+                max(float(m.max()) for m in batch.anomaly_map),
+            )
+            if scale[0] >= scale[1]:
+                scale = (scale[0], scale[0] + 1.0)
+        for position, index in enumerate(batch.indices):
+            target = out / images[index][1]
+            picture = batch.images[position].permute(1, 2, 0).mul(255).round().to(torch.uint8)
+            values = batch.anomaly_map[position].numpy()
+            _write_overlay(target, picture.numpy(), values, args.alpha, *scale)
+            if args.save_maps == "npy":
+                with atomic_write(target.with_suffix(".map.npy"), "wb") as handle:
+                    np.save(handle, values.astype(np.float32))
+            elif args.save_maps == "png16":
+                _save_png16(target.with_suffix(".map.png"), values, map_range)
+            if args.save_masks:
+                _save_mask(target.with_suffix(".mask.png"), values >= pixel_threshold)
 
     table = out / _SCORES_FILE
     _write_scores(table, images, scores, labels)
+    vmin, vmax = scale if scale is not None else (math.nan, math.nan)
     print(f"scored {len(images)} images: heatmap overlays in {out}, scores in {table}")
     print(
-        f"heatmap colour scale: {vmin:.6g} (blue) to {vmax:.6g} (red); "
+        f"heatmap colour scale ({scale_source}): {vmin:.6g} (blue) to {vmax:.6g} (red); "
         f"pass --vmin {vmin:.6g} --vmax {vmax:.6g} to draw other runs on the same scale"
     )
     if labels:
         print(f"{sum(labels)} of {len(labels)} images have a score >= {detector.threshold:.6g}")
     return 0
+
+
+def _save_png16(path: Path, values: Any, map_range: float) -> None:
+    """The raw map as a 16-bit grey PNG: value ``v`` stands for ``v * map_range / 65535``."""
+    import numpy as np
+    from PIL import Image
+
+    levels = np.clip(np.round(values / map_range * 65535), 0, 65535).astype(np.uint16)
+    save_image_atomic(Image.fromarray(levels), path)
+
+
+def _save_mask(path: Path, mask: Any) -> None:
+    """A binary mask as an 8-bit PNG, 255 where anomalous (the MVTec convention)."""
+    import numpy as np
+    from PIL import Image
+
+    save_image_atomic(Image.fromarray(mask.astype(np.uint8) * 255), path)
 
 
 # --------------------------------------------------------------------------------------
@@ -436,6 +491,7 @@ def _json_results(results: dict[str, Any], model: str, data: str) -> dict[str, A
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from cncad.data import AnomalyFolder, find_categories
     from cncad.evaluation import format_table
 
     if args.json is not None:
@@ -470,7 +526,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from cncad.data import load_mask, make_synthetic_dataset
+    import numpy as np
+
+    from cncad.data import AnomalyFolder, load_image, load_mask, make_synthetic_dataset
     from cncad.detector import CNCDetector
     from cncad.evaluation import format_table
     from cncad.visualize import save_panel
@@ -576,10 +634,13 @@ IMAGES are image files and/or folders (searched recursively). Written under --ou
   * scores.csv with the columns path,score (higher is more anomalous) and, when the
     detector has a threshold (fit --threshold or --threshold here), is_anomalous.
 
-All heatmaps of a run share one colour scale, from the lowest to the highest map value
-of the run, so a normal image looks cooler than a defective one; the scale is printed.
-Give both --vmin and --vmax to fix it (e.g. to compare runs); then maps are written as
-they are computed instead of being kept in memory until the end.
+Images are read by --num-workers threads while the model runs, and every heatmap is
+written as soon as its batch is scored: memory does not grow with the number of images.
+All heatmaps share one colour scale, fixed before the first image: from the model's
+median map value on its own normal training images (blue) to as far above their 99.9th
+percentile again (red), so normal parts look cool and defects hot. --vmin and --vmax
+override either end; a model saved without these statistics takes the range of the
+first batch. The scale is printed, to draw other runs alike.
 
 --out may not be an input, lie inside an input folder or contain an input image, and no
 file written may be the model: a run never writes over its own inputs."""
@@ -733,7 +794,7 @@ def _add_fit(commands: Any) -> None:
     fit.add_argument(
         "--checkpoint-dir",
         metavar="DIR",
-        help=f"keep a checkpoint of the run in DIR/{CHECKPOINT_NAME}, replaced atomically "
+        help=f"keep a checkpoint of the run in DIR/{_CHECKPOINT_NAME}, replaced atomically "
         "after every --checkpoint-every epochs (default: none)",
     )
     fit.add_argument(
@@ -783,10 +844,28 @@ def _add_predict(commands: Any) -> None:
         help="weight of the heatmap over the image, 0 to 1 (default: 0.5)",
     )
     predict.add_argument(
-        "--vmin", type=float, metavar="V", help="map value drawn blue (default: run min)"
+        "--vmin", type=float, metavar="V", help="map value drawn blue (default: see above)"
     )
     predict.add_argument(
-        "--vmax", type=float, metavar="V", help="map value drawn red (default: run max)"
+        "--vmax", type=float, metavar="V", help="map value drawn red (default: see above)"
+    )
+    predict.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        default=2,
+        metavar="N",
+        help="threads that read and preprocess images ahead of the model (default: 2)",
+    )
+    predict.add_argument(
+        "--save-maps",
+        choices=("npy", "png16"),
+        help="also write each raw anomaly map: NAME.map.npy (float32) or NAME.map.png "
+        "(16-bit grey, value v = map * 65535 / (2 * layers))",
+    )
+    predict.add_argument(
+        "--save-masks",
+        action="store_true",
+        help="also write NAME.mask.png, 255 where the map reaches the pixel threshold",
     )
     _add_runtime_options(predict)
     predict.set_defaults(handler=_predict)
@@ -861,6 +940,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_main_process() -> bool:
+    """Whether this process reports on stdout: rank 0 under ``torchrun``, or the only one.
+
+    ``torchrun`` sets ``RANK`` in every process. ``cncad.distributed`` is asked only when
+    torch.distributed is loaded already (a process group may be running), since importing
+    it imports torch.
+    """
+    if "torch.distributed" in sys.modules:
+        from cncad.distributed import is_main_process
+
+        return is_main_process()
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cncad`` console script.
 
@@ -873,7 +966,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        if not is_main_process():  # under torchrun, rank 0 reports; errors still print
+        if not _is_main_process():  # under torchrun, rank 0 reports; errors still print
             with contextlib.redirect_stdout(io.StringIO()):
                 return args.handler(args)
         return args.handler(args)

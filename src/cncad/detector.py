@@ -31,7 +31,8 @@ from cncad.checkpoint import (
     write_detector_file,
 )
 from cncad.config import CNCConfig
-from cncad.data import AnomalyFolder, preprocess, resize_mask, to_image_tensor
+from cncad.data import AnomalyFolder, resize_mask
+from cncad.data.stream import DecodedImage, DecodeFailure, OnError, decode_stream
 from cncad.distributed import is_main_process, local_device
 from cncad.errors import ModelFileError, TrainingBusyError
 from cncad.evaluation import AnomalyEvaluator
@@ -39,7 +40,7 @@ from cncad.files import check_output_dir
 from cncad.model import CNCModel
 from cncad.training import Trainer, TrainingState, autocast_for, model_input
 
-__all__ = ["CNCDetector", "Prediction"]
+__all__ = ["CNCDetector", "Prediction", "PredictionBatch"]
 
 _CUSTOM_BACKBONE = "custom"
 
@@ -62,6 +63,32 @@ class Prediction(NamedTuple):
     anomaly_map: Tensor | list[Tensor]
     pred_label: Tensor | None
     pred_mask: Tensor | list[Tensor] | None
+
+
+class PredictionBatch(NamedTuple):
+    """One batch of [`predict_iter`][cncad.detector.CNCDetector.predict_iter]'s stream.
+
+    Attributes:
+        indices: Position of each image in the input stream.
+        paths: Each image's file path when the input was one, else None.
+        pred_score: ``(b,)`` image anomaly scores.
+        anomaly_map: ``b`` float maps ``(H_i, W_i)``, each at its input's own size.
+        pred_label: ``(b,)`` bool, ``pred_score >= detector.threshold``, or None.
+        pred_mask: ``b`` bool maps, ``anomaly_map >= detector.pixel_threshold`` (default:
+            ``threshold``), or None.
+        images: With ``keep_images=True``, each ``(3, H_i, W_i)`` image in ``[0, 1]``.
+        failures: Inputs of this stretch of the stream that could not be read (with
+            ``on_error="skip"``), in input order.
+    """
+
+    indices: list[int]
+    paths: list[str | None]
+    pred_score: Tensor
+    anomaly_map: list[Tensor]
+    pred_label: Tensor | None
+    pred_mask: list[Tensor] | None
+    images: list[Tensor] | None
+    failures: list[DecodeFailure]
 
 
 class CNCDetector:
@@ -95,6 +122,11 @@ class CNCDetector:
         pixel_threshold: Map value from which a pixel is anomalous (default: ``threshold``).
         cache_stats: After a [`fit`][cncad.detector.CNCDetector.fit] with the feature cache:
             ``images``, ``bytes_per_image``, ``in_memory`` and ``build_seconds``; else None.
+        normal_statistics: Quantiles of the anomaly-map values and image scores of the
+            trained model on its own normal training images (``map_p50``, ``map_p99``,
+            ``map_p999``, ``map_max``, ``score_p50``, ``score_max``, ``images``), measured
+            at the end of a ``fit`` with the cache and saved with the detector; None
+            before. ``cncad predict`` draws its default colour scale from them.
 
     Raises:
         ValueError: ``use_cnc=True`` with an encoder that has no text tower,
@@ -128,6 +160,7 @@ class CNCDetector:
         self.threshold: float | None = None
         self.pixel_threshold: float | None = None
         self.cache_stats: dict[str, Any] | None = None
+        self.normal_statistics: dict[str, float] | None = None
         self._trainer = Trainer(self.model, self.device)
         self._activity = _Activity()
 
@@ -262,18 +295,25 @@ class CNCDetector:
             )
         if stats is not None:
             self.cache_stats = dataclasses.asdict(stats)
+        if self._trainer.normal_statistics is not None:
+            self.normal_statistics = self._trainer.normal_statistics
         return self
 
     # ------------------------------------------------------------------ inference
-    @torch.no_grad()
     def predict(self, images: Any, batch_size: int | None = None) -> Prediction:
-        """Score images and localise anomalies.
+        """Score images and localise anomalies, all at once.
+
+        The convenient call for a few images: it returns every map together, so its memory
+        grows with the number of images (a 1024 x 1024 map is 4 MiB). For folders,
+        archives or any long stream use [`predict_iter`][cncad.detector.CNCDetector.predict_iter],
+        whose memory depends on the batch size only; ``predict`` is built on it and gives
+        the same numbers.
 
         Args:
             images: A path, a PIL image, an ``HxWxC`` (or ``HxW``) uint8 array, a ``CxHxW``
-                or ``BxCxHxW`` tensor (float in [0, 1] or uint8, 1 or 3 channels), or a
-                list of these. Raw images, not normalised: resizing and CLIP normalisation
-                happen here.
+                or ``BxCxHxW`` tensor (float in [0, 1] or uint8, 1 or 3 channels), a folder
+                of images, or a list of these. Raw images, not normalised: resizing and
+                CLIP normalisation happen here.
             batch_size: Images per forward pass (default ``config.batch_size``).
 
         Returns:
@@ -282,36 +322,130 @@ class CNCDetector:
             input's own size; the image score is taken before that resize.
 
         Raises:
+            ValueError: No images.
             TrainingBusyError: ``fit`` is running on this detector in another thread.
         """
-        with self._activity.reading("predict"):
-            self.model.eval()
-            pictures = to_image_tensor(images)
-            batch_size = batch_size or self.config.batch_size
-            scores, maps = [], []
-            for start in range(0, len(pictures), batch_size):
-                chunk = pictures[start : start + batch_size]
-                batch = preprocess(chunk, self.config.image_size).to(self.device)
-                with autocast_for(self.device, self.config.bf16):
-                    chunk_maps, chunk_scores = self.model.predict(batch)
-                scores.append(chunk_scores.float().cpu())
-                for picture, amap in zip(chunk, chunk_maps.float().cpu(), strict=True):
-                    maps.append(_resize_map(amap, tuple(picture.shape[-2:])))
-        pred_score = torch.cat(scores)
+        batches = list(self.predict_iter(images, batch_size, progress=False))
+        maps = [amap for batch in batches for amap in batch.anomaly_map]
+        if not maps:
+            raise ValueError("predict got no images")
+        pred_score = torch.cat([batch.pred_score for batch in batches])
         same_size = len({m.shape for m in maps}) == 1
         anomaly_map: Tensor | list[Tensor] = torch.stack(maps) if same_size else maps
         pred_label = pred_score >= self.threshold if self.threshold is not None else None
         pred_mask = None
+        if batches[0].pred_mask is not None:
+            masks = [mask for batch in batches for mask in batch.pred_mask]
+            pred_mask = torch.stack(masks) if same_size else masks
+        return Prediction(pred_score, anomaly_map, pred_label, pred_mask)
+
+    def predict_iter(
+        self,
+        images: Any,
+        batch_size: int | None = None,
+        *,
+        num_workers: int = 0,
+        progress: bool = True,
+        keep_images: bool = False,
+        on_error: OnError = "raise",
+    ) -> Iterator[PredictionBatch]:
+        """Score a stream of images batch by batch, with bounded memory.
+
+        Images are read and preprocessed by ``num_workers`` threads while the model runs
+        on the previous batch (on CUDA from pinned memory, copied without blocking). At
+        most ``2 * batch_size`` images are decoded ahead, and nothing is kept between
+        batches: peak memory depends on the batch size and the image size, not on the
+        number of images. Results come in input order.
+
+        Example:
+            >>> for batch in detector.predict_iter("shift_42/", num_workers=2):  # doctest: +SKIP
+            ...     for path, score in zip(batch.paths, batch.pred_score):
+            ...         print(path, float(score))
+
+        Args:
+            images: What [`predict`][cncad.detector.CNCDetector.predict] takes, including a
+                folder (searched recursively) or any iterable, e.g. a generator of paths.
+            batch_size: Images per forward pass (default ``config.batch_size``).
+            num_workers: Decoding threads (0: decode on the calling thread).
+            progress: Show a progress bar over images.
+            keep_images: Also return each decoded ``(3, H, W)`` image in ``[0, 1]`` (to draw
+                overlays without reading the file twice).
+            on_error: ``"raise"`` (default): an input that cannot be read raises; ``"skip"``:
+                it is reported in the batch's ``failures`` and the stream goes on.
+
+        Yields:
+            [`PredictionBatch`][cncad.detector.PredictionBatch] on the CPU; the last may be
+            smaller. A batch may hold only failures.
+
+        Raises:
+            TrainingBusyError: ``fit`` is running on this detector in another thread.
+        """
+        batch_size = self.config.batch_size if batch_size is None else batch_size
+        batch_size = _count(batch_size, "batch_size", 1)
+        num_workers = _count(num_workers, "num_workers", 0)
+        stream = decode_stream(
+            images,
+            self.config.image_size,
+            workers=num_workers,
+            window=2 * batch_size,
+            keep_images=keep_images,
+            on_error=on_error,
+        )
+        total = len(images) if isinstance(images, (list, tuple)) else None
+        with (
+            self._activity.reading("predict"),
+            tqdm(total=total, desc="predict", unit="img", disable=not progress) as bar,
+        ):
+            self.model.eval()
+            decoded: list[DecodedImage] = []
+            failures: list[DecodeFailure] = []
+            for item in stream:
+                if isinstance(item, DecodeFailure):
+                    failures.append(item)
+                else:
+                    decoded.append(item)
+                if len(decoded) == batch_size:
+                    bar.update(len(decoded) + len(failures))
+                    yield self._score(decoded, failures)
+                    decoded, failures = [], []
+            if decoded or failures:
+                bar.update(len(decoded) + len(failures))
+                yield self._score(decoded, failures)
+
+    @torch.no_grad()
+    def _score(self, decoded: list[DecodedImage], failures: list[DecodeFailure]) -> PredictionBatch:
+        maps: list[Tensor] = []
+        pred_score = torch.zeros(0)
+        if decoded:
+            batch = torch.stack([item.model_input for item in decoded])
+            if self.device.type == "cuda" and batch.device.type == "cpu":
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
+            else:
+                batch = batch.to(self.device)
+            with autocast_for(self.device, self.config.bf16):
+                model_maps, scores = self.model.predict(batch)
+            pred_score = scores.float().cpu()
+            maps = [
+                _resize_map(amap, item.size)
+                for amap, item in zip(model_maps.float().cpu(), decoded, strict=True)
+            ]
+        pred_label = pred_score >= self.threshold if self.threshold is not None else None
         pixel_threshold = (
             self.pixel_threshold if self.pixel_threshold is not None else self.threshold
         )
-        if pixel_threshold is not None:
-            pred_mask = (
-                anomaly_map >= pixel_threshold
-                if same_size
-                else [m >= pixel_threshold for m in maps]
-            )
-        return Prediction(pred_score, anomaly_map, pred_label, pred_mask)
+        pred_mask = None if pixel_threshold is None else [m >= pixel_threshold for m in maps]
+        return PredictionBatch(
+            indices=[item.index for item in decoded],
+            paths=[item.source for item in decoded],
+            pred_score=pred_score,
+            anomaly_map=maps,
+            pred_label=pred_label,
+            pred_mask=pred_mask,
+            images=[item.image for item in decoded]
+            if decoded and decoded[0].image is not None
+            else None,
+            failures=failures,
+        )
 
     @torch.no_grad()
     def evaluate(
@@ -410,6 +544,7 @@ class CNCDetector:
             history=self.history,
             kind=kind,
             optimizer_state=optimizer_state,
+            normal_statistics=self.normal_statistics,
         )
         return write_detector_file(path, contents)
 
@@ -460,6 +595,7 @@ class CNCDetector:
         detector.model.to(detector.device).eval()
         detector.threshold = contents.threshold
         detector.pixel_threshold = contents.pixel_threshold
+        detector.normal_statistics = contents.normal_statistics
         state = TrainingState(contents.epochs_trained, contents.history, contents.optimizer_state)
         try:
             detector._trainer = Trainer(detector.model, detector.device, state)
@@ -552,6 +688,11 @@ def _count(value: Any, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _kept_images(decoded: list[DecodedImage]) -> list[Tensor] | None:
+    images = [item.image for item in decoded]
+    return None if any(image is None for image in images) else images
 
 
 def _resize_map(amap: Tensor, size: Sequence[int]) -> Tensor:

@@ -394,12 +394,24 @@ def _float32_from_keys(keys: np.ndarray) -> np.ndarray:
     return bits.view(np.float32)
 
 
-def _positives_with_regions(
-    maps: np.ndarray, masks: np.ndarray
+def _defect_pixels(
+    maps: np.ndarray, masks: np.ndarray, first_region: int = 0
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Sorted defect-pixel scores, their ``1 / region size`` weights, and #regions."""
+    """Defect-pixel scores and region ids of ``(N, H, W)`` maps and masks, image by image.
+
+    Args:
+        maps: ``(N, H, W)`` anomaly maps.
+        masks: ``(N, H, W)`` bool ground truth.
+        first_region: Id given to the first region found, so that calls on consecutive
+            chunks of a test set number the regions as one call on the whole set would.
+
+    Returns:
+        ``(scores, region_ids, n_found)``: the ``(P,)`` defect-pixel scores (dtype of
+        ``maps``) and ``(P,)`` uint32 region ids, in image order (unsorted), and the
+        number of 8-connected regions found.
+    """
     scores, region_ids = [], []
-    n_regions = 0
+    n_regions = first_region
     rows_hit, cols_hit = masks.any(axis=2), masks.any(axis=1)
     for index in np.flatnonzero(rows_hit.any(axis=1)):
         # Label only the bounding box of the defects: most of each image is background.
@@ -410,22 +422,52 @@ def _positives_with_regions(
         scores.append(maps[box][mask])
         region_ids.append(labelled[mask] + (n_regions - 1))
         n_regions += n_found
-    positives = np.concatenate(scores)
-    region = np.concatenate(region_ids).astype(np.uint32)
-    del scores, region_ids
-    region_size = np.bincount(region, minlength=n_regions)
+    if not scores:
+        return np.empty(0, dtype=maps.dtype), np.empty(0, dtype=np.uint32), 0
+    return (
+        np.concatenate(scores),
+        np.concatenate(region_ids).astype(np.uint32),
+        n_regions - first_region,
+    )
 
-    if positives.dtype == np.float32:
+
+def _sort_defect_pixels(
+    scores: np.ndarray, region: np.ndarray, n_regions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted defect-pixel scores and their ``1 / region size`` weights.
+
+    Args:
+        scores: ``(P,)`` defect-pixel scores from ``_defect_pixels``.
+        region: ``(P,)`` uint32 region ids in ``[0, n_regions)``.
+        n_regions: Number of regions.
+
+    Returns:
+        ``(positives, weights)``: ``(P,)`` scores ascending (ties ordered by region id for
+        float32) and ``(P,)`` float64 weights aligned with them.
+    """
+    region_size = np.bincount(region, minlength=n_regions)
+    if scores.dtype == np.float32:
         # Sorting packed (score, region) keys is faster than an argsort plus gathers.
-        keys = _sortable_keys(positives)
+        keys = _sortable_keys(scores)
         keys |= region.astype(np.uint64)
         keys.sort()
         positives = _float32_from_keys(keys)
-        region = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
+        order = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
+        del keys
+        weights = 1.0 / region_size[order]
     else:
-        order = np.argsort(positives)
-        positives, region = positives[order], region[order]
-    weights = 1.0 / region_size[region]
+        order = np.argsort(scores)
+        positives = scores[order]
+        weights = 1.0 / region_size[region[order]]
+    return positives, weights
+
+
+def _positives_with_regions(
+    maps: np.ndarray, masks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Sorted defect-pixel scores, their ``1 / region size`` weights, and #regions."""
+    scores, region, n_regions = _defect_pixels(maps, masks)
+    positives, weights = _sort_defect_pixels(scores, region, n_regions)
     return positives, weights, n_regions
 
 
@@ -614,11 +656,18 @@ def pixel_metrics(
     _check_aupro_options(aupro_fpr_limit, aupro_num_thresholds)
     maps_np, masks_np = _pixel_inputs(maps, masks)
     ranking = _rank_pixels(maps_np, masks_np, with_regions=True)
+    return _pixel_metrics_from_ranking(ranking, aupro_fpr_limit, aupro_num_thresholds)
+
+
+def _pixel_metrics_from_ranking(
+    ranking: _Ranking, fpr_limit: float, num_thresholds: int | None
+) -> PixelMetrics:
+    """The four pixel metrics of a ranking built with region weights."""
     return PixelMetrics(
         auroc=ranking.auroc(),
         ap=ranking.ap(),
         f1_max=ranking.f1_max(),
-        aupro=_aupro_from_ranking(ranking, aupro_fpr_limit, aupro_num_thresholds),
+        aupro=_aupro_from_ranking(ranking, fpr_limit, num_thresholds),
     )
 
 

@@ -219,6 +219,10 @@ class Trainer:
         cached_indices: Dataset indices (stream positions for a DataLoader) of the images
             whose features the last ``fit`` cached in this process, in cache order; None
             without a cache.
+        normal_statistics: After a ``fit`` with the cache, what the trained model gives
+            on (up to 64 of) its own normal training images: quantiles of the anomaly-map
+            values (``map_p50``, ``map_p99``, ``map_p999``, ``map_max``) and of the image
+            scores (``score_p50``, ``score_max``), and ``images``. None until then.
 
     Raises:
         ValueError: ``state.optimizer_state`` does not fit the model's trainable
@@ -241,6 +245,7 @@ class Trainer:
             self.state.optimizer_state = None  # the optimizer holds it from now on
         self.group = ProcessGroup()
         self.cached_indices: Tensor | None = None
+        self.normal_statistics: dict[str, float] | None = None
         self._slot_of = torch.zeros(0, dtype=torch.long)  # dataset index -> cache slot, or -1
         self._student: nn.Module = _Student(model)  # in DistributedDataParallel with many
         self._spare: Any = None  # features for a process whose part of a batch is empty
@@ -345,12 +350,40 @@ class Trainer:
                 with torch.random.fork_rng(devices=devices):
                     self.model.train()
                     self._run_epochs(data, feature_cache, epochs, progress, on_epoch_end)
+                if feature_cache is not None and len(feature_cache):
+                    self.normal_statistics = self._normal_statistics(feature_cache)
             finally:
                 self.model.eval()
                 self._spare = None
                 if feature_cache is not None:
                     feature_cache.close()
         return stats
+
+    @torch.no_grad()
+    def _normal_statistics(self, cache: FeatureCache, most: int = 64) -> dict[str, float]:
+        """Map and score quantiles of the trained model on up to ``most`` cached images."""
+        self.model.eval()
+        slots = torch.linspace(0, len(cache) - 1, min(most, len(cache))).round().long()
+        maps, scores = [], []
+        for start in range(0, len(slots), self.config.batch_size):
+            features = cache.get(slots[start : start + self.config.batch_size], self.device)
+            with autocast_for(self.device, self.config.bf16):
+                batch_maps, batch_scores = self.model.predict_features(features)
+            maps.append(batch_maps.float().flatten().cpu())
+            scores.append(batch_scores.float().cpu())
+        values, score = torch.cat(maps), torch.cat(scores)
+        # torch.quantile takes at most 2**24 values; 64 maps of 512 x 512 would exceed it
+        step = max(1, math.ceil(len(values) / 2**24))
+        quantiles = torch.quantile(values[::step], torch.tensor([0.5, 0.99, 0.999]))
+        return {
+            "map_p50": float(quantiles[0]),
+            "map_p99": float(quantiles[1]),
+            "map_p999": float(quantiles[2]),
+            "map_max": float(values.max()),
+            "score_p50": float(score.median()),
+            "score_max": float(score.max()),
+            "images": float(len(slots)),
+        }
 
     def _run_epochs(
         self,
