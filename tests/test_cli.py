@@ -668,3 +668,17 @@ def test_predict_save_masks_needs_a_threshold(
     image = data_root / "bolt_like" / "test" / "good" / "000.png"
     argv = ["predict", str(model_file), str(image), "--out", str(tmp_path / "o"), "--save-masks"]
     _assert_one_line_error(capsys, main(argv), "--save-masks needs a threshold")
+
+
+def test_predict_without_statistics_takes_the_first_batch_but_keeps_a_given_end(
+    model_file: Path, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    detector = CNCDetector.load(model_file)
+    detector.normal_statistics = None  # as in a model file written before they existed
+    old_model = detector.save(tmp_path / "old.cnc")
+    image = data_root / "bolt_like" / "test" / "good" / "000.png"
+    argv = ["predict", str(old_model), str(image), "--out", str(tmp_path / "o"), "--quiet"]
+    assert main([*argv, "--vmin", "0.125"]) == 0
+    stdout = capsys.readouterr().out
+    high = float(detector.predict(str(image)).anomaly_map.max())
+    assert f"colour scale (first batch): 0.125 (blue) to {high:.6g} (red)" in stdout

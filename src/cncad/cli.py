@@ -23,7 +23,9 @@ import os
 import re
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -379,8 +381,6 @@ def _colour_scale(args: argparse.Namespace, detector: Any) -> tuple[float, float
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
 
     if args.vmin is not None and args.vmax is not None and args.vmin >= args.vmax:
         raise ValueError(f"--vmin ({args.vmin:g}) must be below --vmax ({args.vmax:g})")
@@ -410,29 +410,44 @@ def _predict(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         keep_images=True,
     )
-    for batch in batches:
-        scores.extend(float(score) for score in batch.pred_score)
-        if batch.pred_label is not None:
-            labels.extend(bool(flag) for flag in batch.pred_label)
-        if scale is None:  # an old model without statistics: fixed from the first batch
-            scale = (
-                min(float(m.min()) for m in batch.anomaly_map),
-                max(float(m.max()) for m in batch.anomaly_map),
-            )
-            if scale[0] >= scale[1]:
-                scale = (scale[0], scale[0] + 1.0)
-        for position, index in enumerate(batch.indices):
-            target = out / images[index][1]
-            picture = batch.images[position].permute(1, 2, 0).mul(255).round().to(torch.uint8)
-            values = batch.anomaly_map[position].numpy()
-            _write_overlay(target, picture.numpy(), values, args.alpha, *scale)
-            if args.save_maps == "npy":
-                with atomic_write(target.with_suffix(".map.npy"), "wb") as handle:
-                    np.save(handle, values.astype(np.float32))
-            elif args.save_maps == "png16":
-                _save_png16(target.with_suffix(".map.png"), values, map_range)
-            if args.save_masks:
-                _save_mask(target.with_suffix(".mask.png"), values >= pixel_threshold)
+    # Drawing and PNG-encoding a heatmap costs more than scoring it, so the writes run on
+    # their own threads too (zlib releases the GIL); at most two batches wait for them.
+    writers = ThreadPoolExecutor(max_workers=args.num_workers) if args.num_workers else None
+    pending: deque[Future] = deque()
+    try:
+        for batch in batches:
+            scores.extend(float(score) for score in batch.pred_score)
+            if batch.pred_label is not None:
+                labels.extend(bool(flag) for flag in batch.pred_label)
+            if scale is None:  # a model without statistics: the first batch fills in
+                low = min(float(m.min()) for m in batch.anomaly_map)
+                high = max(float(m.max()) for m in batch.anomaly_map)
+                low = low if args.vmin is None else args.vmin
+                high = high if args.vmax is None else args.vmax
+                scale = (low, high) if low < high else (low, low + 1.0)
+            for position, index in enumerate(batch.indices):
+                job = (
+                    out / images[index][1],
+                    batch.images[position],
+                    batch.anomaly_map[position].numpy(),
+                    args,
+                    scale,
+                    map_range,
+                    pixel_threshold,
+                )
+                if writers is None:
+                    _write_outputs(*job)
+                else:
+                    pending.append(writers.submit(_write_outputs, *job))
+            while len(pending) > 2 * len(batch.indices):
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
+    finally:
+        if writers is not None:
+            for future in pending:
+                future.cancel()
+            writers.shutdown(wait=True)
 
     table = out / _SCORES_FILE
     _write_scores(table, images, scores, labels)
@@ -445,6 +460,30 @@ def _predict(args: argparse.Namespace) -> int:
     if labels:
         print(f"{sum(labels)} of {len(labels)} images have a score >= {detector.threshold:.6g}")
     return 0
+
+
+def _write_outputs(
+    target: Path,
+    image: Any,
+    values: np.ndarray,
+    args: argparse.Namespace,
+    scale: tuple[float, float],
+    map_range: float,
+    pixel_threshold: float | None,
+) -> None:
+    """Write one image's overlay and the optional map and mask files next to it."""
+    import numpy as np
+    import torch
+
+    picture = image.permute(1, 2, 0).mul(255).round().to(torch.uint8).numpy()
+    _write_overlay(target, picture, values, args.alpha, *scale)
+    if args.save_maps == "npy":
+        with atomic_write(target.with_suffix(".map.npy"), "wb") as handle:
+            np.save(handle, values.astype(np.float32))
+    elif args.save_maps == "png16":
+        _save_png16(target.with_suffix(".map.png"), values, map_range)
+    if args.save_masks:
+        _save_mask(target.with_suffix(".mask.png"), values >= pixel_threshold)
 
 
 def _save_png16(path: Path, values: Any, map_range: float) -> None:
@@ -635,7 +674,8 @@ IMAGES are image files and/or folders (searched recursively). Written under --ou
     detector has a threshold (fit --threshold or --threshold here), is_anomalous.
 
 Images are read by --num-workers threads while the model runs, and every heatmap is
-written as soon as its batch is scored: memory does not grow with the number of images.
+drawn and written (by as many threads) as soon as its batch is scored: memory does not
+grow with the number of images.
 All heatmaps share one colour scale, fixed before the first image: from the model's
 median map value on its own normal training images (blue) to as far above their 99.9th
 percentile again (red), so normal parts look cool and defects hot. --vmin and --vmax
@@ -854,7 +894,8 @@ def _add_predict(commands: Any) -> None:
         type=_non_negative_int,
         default=2,
         metavar="N",
-        help="threads that read and preprocess images ahead of the model (default: 2)",
+        help="threads that read images ahead of the model, and as many that write the "
+        "heatmaps (default: 2)",
     )
     predict.add_argument(
         "--save-maps",
