@@ -109,6 +109,11 @@ def test_trainable_state_dict_leaves_out_clip_and_round_trips(tiny_config, image
     assert torch.equal(other.predict(images)[0], model.predict(images)[0])
     with pytest.raises(ValueError, match="missing"):
         other.load_trainable_state_dict({k: v for k, v in state.items() if "moe" not in k})
+    reshaped = dict(state, **{"moe.router.weight": state["moe.router.weight"][:-1]})
+    before = {k: v.clone() for k, v in other.trainable_state_dict().items()}
+    with pytest.raises(ValueError, match=r"'moe\.router\.weight' is \(4, 64\)"):
+        other.load_trainable_state_dict(reshaped)
+    assert all(torch.equal(v, before[k]) for k, v in other.trainable_state_dict().items())
 
 
 @pytest.fixture(scope="module")

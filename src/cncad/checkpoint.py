@@ -306,11 +306,12 @@ def _validated(path: Path, payload: dict[str, Any]) -> DetectorFile:
 def load_trainable_weights(
     model: nn.Module, state: dict[str, Tensor], source: str | os.PathLike = "the file"
 ) -> None:
-    """Load trainable weights into ``model`` after checking every name, shape and dtype.
+    """Load trainable weights from a file into ``model``, a mismatch being the file's fault.
 
     Args:
-        model: A [`CNCModel`][cncad.model.CNCModel] (anything with
-            ``trainable_state_dict`` and ``load_state_dict``).
+        model: A [`CNCModel`][cncad.model.CNCModel]; its
+            [`load_trainable_state_dict`][cncad.model.CNCModel.load_trainable_state_dict]
+            checks every name, shape and dtype.
         state: Weights by name, as a file holds them.
         source: The file they came from, for the message.
 
@@ -318,22 +319,10 @@ def load_trainable_weights(
         ModelFileError: A weight is missing, extra, or of another shape or dtype than the
             model's (the configuration in the file does not describe these weights).
     """
-    expected = model.trainable_state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ModelFileError(
-            f"{source}: the weights do not fit the model its configuration describes "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    for name, reference in expected.items():
-        tensor = state[name]
-        if tensor.shape != reference.shape or tensor.dtype != reference.dtype:
-            raise ModelFileError(
-                f"{source}: weight {name!r} is {tuple(tensor.shape)} {tensor.dtype}, the "
-                f"model needs {tuple(reference.shape)} {reference.dtype}"
-            )
-    model.load_state_dict(state, strict=False)
+    try:
+        model.load_trainable_state_dict(state)
+    except ValueError as error:
+        raise ModelFileError(f"{source}: {error}") from error
 
 
 def _tensors_of(value: Any) -> dict[str, Tensor]:

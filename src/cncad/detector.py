@@ -32,6 +32,7 @@ from cncad.checkpoint import (
 )
 from cncad.config import CNCConfig
 from cncad.data import AnomalyFolder, resize_mask
+from cncad.data.sampling import dataset_size
 from cncad.data.stream import DecodedImage, DecodeFailure, OnError, decode_stream
 from cncad.distributed import is_main_process, local_device
 from cncad.errors import ModelFileError, TrainingBusyError
@@ -481,7 +482,7 @@ class CNCDetector:
         evaluator = AnomalyEvaluator()
         with self._activity.reading("evaluate"):
             self.model.eval()
-            bar = tqdm(desc="evaluate", unit="img", disable=not progress, total=_num_items(data))
+            bar = tqdm(desc="evaluate", unit="img", disable=not progress, total=dataset_size(data))
             for batch in data:
                 if not isinstance(batch, dict) or not {"image", "label", "mask"} <= set(batch):
                     raise ValueError("evaluation batches must be dicts with image, label and mask")
@@ -699,10 +700,3 @@ def _resize_map(amap: Tensor, size: Sequence[int]) -> Tensor:
     if tuple(amap.shape[-2:]) == tuple(size):
         return amap
     return F.interpolate(amap[None, None], size=tuple(size), mode="bilinear").squeeze(0).squeeze(0)
-
-
-def _num_items(loader: DataLoader) -> int | None:
-    try:
-        return len(loader.dataset)  # type: ignore[arg-type]
-    except TypeError:
-        return None

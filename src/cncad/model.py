@@ -185,15 +185,28 @@ class CNCModel(nn.Module):
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
         """Load [`trainable_state_dict`][cncad.model.CNCModel.trainable_state_dict] output.
 
-        Anything missing or extra is an error.
+        Every name, shape and dtype is checked before anything is loaded, so a mismatch
+        leaves the model as it was.
+
+        Raises:
+            ValueError: A weight is missing, extra, or of another shape or dtype than the
+                model's (one line naming it).
         """
-        expected = set(self.trainable_state_dict())
-        missing, unexpected = expected - set(state), set(state) - expected
+        expected = self.trainable_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
             raise ValueError(
-                "weights do not fit this model configuration: "
-                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+                "the weights do not fit this model configuration "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
+        for name, reference in expected.items():
+            tensor = state[name]
+            if tensor.shape != reference.shape or tensor.dtype != reference.dtype:
+                raise ValueError(
+                    f"weight {name!r} is {tuple(tensor.shape)} {tensor.dtype}, the model "
+                    f"needs {tuple(reference.shape)} {reference.dtype}"
+                )
         self.load_state_dict(state, strict=False)
 
     def forward(self, images: Tensor) -> CNCOutput:

@@ -54,7 +54,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cncad.data.cache import FeatureCache
-from cncad.data.sampling import derive_seed, epoch_batches, positions_of_rank, shard_indices
+from cncad.data.sampling import (
+    dataset_size,
+    derive_seed,
+    epoch_batches,
+    owned_by,
+    positions_of_rank,
+    shard_indices,
+)
 from cncad.distributed import ProcessGroup
 from cncad.errors import DatasetError, NonFiniteError
 from cncad.model import CNCModel
@@ -323,7 +330,7 @@ class Trainer:
         self.group = ProcessGroup.from_environment(self.device)
         progress = progress and self.group.is_main
         if self.group.is_distributed:
-            positions_of_rank(0, self.config.batch_size, *self._rank_pair())  # checks W <= B
+            shard_indices(0, self.config.batch_size, *self._rank_pair())  # checks W <= B
             if isinstance(data, DataLoader) and not cache:
                 raise ValueError(
                     "with several processes, fit(cache=False) needs a Dataset, not a "
@@ -632,8 +639,7 @@ class Trainer:
                 images, normal = split_batch(batch)
                 positions = torch.arange(seen, seen + len(images))
                 seen += len(images)
-                mine = normal & ((positions % config.batch_size) % self.group.world_size
-                                 == self.group.rank)  # fmt: skip
+                mine = normal & owned_by(positions, config.batch_size, *self._rank_pair())
                 if mine.any():
                     kept.append(positions[mine])
                     yield self._to_model(images[mine])
@@ -662,7 +668,7 @@ class Trainer:
         dtype: torch.dtype,
         progress: bool,
     ) -> FeatureCache:
-        max_images = _num_items(data)
+        max_images = dataset_size(data)
         if max_images is not None:  # this process's shard, an upper bound for DataLoaders too
             max_images = len(shard_indices(max_images, self.config.batch_size, *self._rank_pair()))
         try:
@@ -741,11 +747,4 @@ def _own_length(loader: DataLoader) -> int | None:
     try:
         return len(loader)
     except TypeError:  # iterable-style data without a length
-        return None
-
-
-def _num_items(data: DataLoader | Dataset) -> int | None:
-    try:
-        return len(data.dataset if isinstance(data, DataLoader) else data)  # type: ignore[arg-type]
-    except TypeError:
         return None

@@ -24,12 +24,21 @@ and one process (``W = 1``) visits them whole.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
-__all__ = ["derive_seed", "epoch_batches", "positions_of_rank", "shard_indices"]
+__all__ = [
+    "dataset_size",
+    "derive_seed",
+    "epoch_batches",
+    "owned_by",
+    "positions_of_rank",
+    "shard_indices",
+]
 
 _LANE_TAG = 0x4C414E45  # keeps the lane seeds apart from other uses of derive_seed
 
@@ -72,6 +81,30 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor
     return rows
 
 
+def owned_by(indices: Tensor, batch_size: int, world_size: int, rank: int) -> Tensor:
+    """Which of ``indices`` (dataset indices, or positions in a batch) process ``rank`` owns.
+
+    Index ``i`` sits in lane ``i % B``, and process ``r`` owns the lanes ``k`` with
+    ``k % W == r``: the one rule behind [`shard_indices`][cncad.data.sampling.shard_indices]
+    and [`positions_of_rank`][cncad.data.sampling.positions_of_rank].
+
+    Example:
+        >>> owned_by(torch.arange(6), 4, world_size=2, rank=1).tolist()
+        [False, True, False, True, False, True]
+
+    Args:
+        indices: ``(n,)`` int64 indices.
+        batch_size: B.
+        world_size: Number of processes, at most ``batch_size``.
+        rank: This process, ``0 <= rank < world_size``.
+
+    Returns:
+        ``(n,)`` bool mask, True where ``(i % B) % W == rank``.
+    """
+    _check_rank(batch_size, world_size, rank)
+    return (indices % batch_size) % world_size == rank
+
+
 def positions_of_rank(length: int, batch_size: int, world_size: int, rank: int) -> Tensor:
     """The positions of a global batch of ``length`` images that process ``rank`` takes.
 
@@ -89,9 +122,8 @@ def positions_of_rank(length: int, batch_size: int, world_size: int, rank: int) 
     Returns:
         Increasing int64 positions ``p < length`` with ``(p % B) % W == rank``.
     """
-    _check_rank(batch_size, world_size, rank)
     positions = torch.arange(length)
-    return positions[(positions % batch_size) % world_size == rank]
+    return positions[owned_by(positions, batch_size, world_size, rank)]
 
 
 def shard_indices(n: int, batch_size: int, world_size: int, rank: int) -> Tensor:
@@ -111,9 +143,28 @@ def shard_indices(n: int, batch_size: int, world_size: int, rank: int) -> Tensor
         Increasing int64 indices ``i < n`` with ``(i % batch_size) % world_size == rank``;
         the shards of all ranks are disjoint and cover ``range(n)``.
     """
-    _check_rank(batch_size, world_size, rank)
     indices = torch.arange(n)
-    return indices[(indices % batch_size) % world_size == rank]
+    return indices[owned_by(indices, batch_size, world_size, rank)]
+
+
+def dataset_size(data: Any) -> int | None:
+    """The number of items of a Dataset, or of a DataLoader's dataset; None if it has no length.
+
+    Example:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> dataset_size(DataLoader(TensorDataset(torch.zeros(5, 1)), batch_size=2))
+        5
+
+    Args:
+        data: A map-style or iterable Dataset, or a DataLoader.
+
+    Returns:
+        ``len`` of the dataset, or None for iterable data without a length.
+    """
+    try:
+        return len(data.dataset if isinstance(data, DataLoader) else data)
+    except TypeError:
+        return None
 
 
 def _check_rank(batch_size: int, world_size: int, rank: int) -> None:
