@@ -35,3 +35,37 @@ def run_checked(command: Sequence[str], cwd: Path, timeout: float) -> str:
         f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     )
     return done.stdout
+
+
+#: Python source that makes importing torch, open_clip, timm or torchvision fail.
+_BLOCK_TORCH = """
+import importlib.abc, sys
+
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "open_clip", "timm", "torchvision"):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+def run_without_torch(script: str, timeout: float = 120) -> str:
+    """Run ``script`` in a child process where importing torch fails; return its last line.
+
+    The child finds cncad in this checkout's ``src``; it must exit with 0.
+    """
+    import sys
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    done = subprocess.run(
+        [sys.executable, "-c", _BLOCK_TORCH + script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(src)},
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]

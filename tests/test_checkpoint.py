@@ -19,7 +19,9 @@ from cncad.checkpoint import (
 
 @pytest.fixture(scope="module")
 def detector() -> CNCDetector:
-    model = CNCDetector(backbone="tiny", pretrained=None, image_size=56, device="cpu")
+    model = CNCDetector(
+        backbone="tiny", pretrained=None, image_size=56, device="cpu", allow_untrained=True
+    )
     model.threshold = 0.75
     return model
 

@@ -452,7 +452,9 @@ def test_predict_keeps_an_old_heatmap_when_drawing_fails(
 
     _assert_one_line_error(capsys, main(argv), "No space left on device")
     assert (out / "part.png").read_bytes() == old
-    assert sorted(out.iterdir()) == [out / "part.png"]
+    # The image was scored before its heatmap failed: scores.csv says so, nothing else is new.
+    assert sorted(out.iterdir()) == [out / "part.png", out / "scores.csv"]
+    assert [row["path"] for row in _read_csv(out / "scores.csv")] == [str(parts / "part.png")]
 
 
 def test_demo_refuses_a_file_as_its_output_folder(
@@ -559,7 +561,43 @@ def test_predict_on_a_corrupt_image(
     corrupt = tmp_path / "broken.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     status = main(["predict", str(model_file), str(corrupt), "--out", str(tmp_path / "o")])
-    _assert_one_line_error(capsys, status, str(corrupt), "cannot read image file")
+    assert status == 3
+    err = capsys.readouterr().err
+    skipped = [line for line in err.splitlines() if line.startswith("cncad: skipped")]
+    assert len(skipped) == 1
+    assert str(corrupt) in skipped[0] and "cannot read image file" in skipped[0]
+    assert "1 of 1 images could not be read" in err
+    assert _read_csv(tmp_path / "o" / "scores.csv") == []
+
+
+def test_predict_carries_on_past_unreadable_images(
+    model_file: Path, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "shift"
+    folder.mkdir()
+    good = sorted((data_root / "carpet_like" / "test" / "good").glob("*.png"))[:2]
+    for image in good:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "a_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "b_empty.png").write_bytes(b"")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    out = tmp_path / "out"
+
+    status = main(["predict", str(model_file), str(folder), "--out", str(out), "--quiet"])
+
+    assert status == 3
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.err.splitlines() if line.startswith("cncad: skipped")]
+    assert [line.split(": ")[1].split("/")[-1] for line in skipped] == [
+        "a_broken.png",
+        "b_empty.png",
+    ]
+    assert "2 of 4 images could not be read" in captured.err
+    assert "scored 2 of 4 images" in captured.out
+    rows = _read_csv(out / "scores.csv")
+    assert [Path(row["path"]).name for row in rows] == [image.name for image in good]
+    assert sorted(p.name for p in (out / "shift").iterdir()) == sorted(i.name for i in good)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
 
 
 def test_predict_on_a_missing_image(

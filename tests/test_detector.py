@@ -174,7 +174,9 @@ def test_load_rejects_foreign_files(tmp_path):
 def test_custom_clip_model_object_is_passed_as_encoder(tmp_path):
     from cncad.encoders import build_tiny_clip
 
-    detector = CNCDetector(encoder=build_tiny_clip(), image_size=56, device="cpu")
+    detector = CNCDetector(
+        encoder=build_tiny_clip(), image_size=56, device="cpu", allow_untrained=True
+    )
     assert detector.config.backbone == "custom"
     path = detector.save(tmp_path / "custom.cnc")
     with pytest.raises(ValueError, match="encoder="):
@@ -188,7 +190,9 @@ def test_clip_model_is_the_deprecated_name_of_encoder(tmp_path):
     from cncad.encoders import build_tiny_clip
 
     with pytest.warns(DeprecationWarning, match="encoder="):
-        detector = CNCDetector(clip_model=build_tiny_clip(), image_size=56, device="cpu")
+        detector = CNCDetector(
+            clip_model=build_tiny_clip(), image_size=56, device="cpu", allow_untrained=True
+        )
     path = detector.save(tmp_path / "custom.cnc")
     with pytest.warns(DeprecationWarning):
         again = CNCDetector.load(path, clip_model=build_tiny_clip())
@@ -228,6 +232,7 @@ def test_a_model_saved_after_training_predicts_like_the_trained_one(dataset_root
         backbone="tiny", pretrained=None, image_size=56, batch_size=4, theta=0, device="cpu"
     )
     images = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    detector.allow_untrained = True
     detector.predict(images)  # fills the text-feature cache for the initial prompts
     detector.fit(dataset_root, epochs=1, progress=False)  # the prompts change
     path = detector.save(tmp_path / "model.cnc")

@@ -158,3 +158,51 @@ def test_docstring_examples_run(module: str) -> None:
 
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# A line that griffe's Google parser reads as a section or admonition title ("Examples:").
+SECTION_TITLE = re.compile(r"^(\s*)(\w[\w -]*):\s*$")
+
+
+def _docstrings_with_prompts() -> Iterator[tuple[str, str]]:
+    for path in sorted((ROOT / "src" / "cncad").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node, clean=True)
+                if doc and ">>>" in doc:
+                    yield f"{path.relative_to(ROOT)}:{getattr(node, 'name', '<module>')}", doc
+
+
+def test_docstring_prompts_sit_in_examples_sections() -> None:
+    """``>>>`` lines render as code only inside a Google ``Examples:`` section.
+
+    Under any other title (``Example:`` is an admonition to griffe) or in free text they
+    are markdown, where ``>>>`` is a nested blockquote and the lines run together.
+    """
+    found = 0
+    for where, doc in _docstrings_with_prompts():
+        title = None
+        for line in doc.splitlines():
+            if match := SECTION_TITLE.match(line):
+                title = match.group(2)
+            elif line.strip() and not line.startswith(" "):
+                title = None  # back at the docstring's own text
+            if line.lstrip().startswith(">>>"):
+                found += 1
+                assert title == "Examples", f"{where}: '>>>' under {title!r}, not 'Examples:'"
+    assert found >= 20
+
+
+def test_api_pages_show_prompts_as_code(site: Path) -> None:
+    inside = outside = 0
+    for page in sorted((site / "api").rglob("*.html")):
+        text = page.read_text()
+        assert "<blockquote>" not in text, f"{page}: a docstring line rendered as a quote"
+        for block in re.split(r"(<pre\b.*?</pre>)", text, flags=re.DOTALL):
+            count = block.count("&gt;&gt;&gt;")
+            if block.startswith("<pre"):
+                inside += count
+            else:
+                outside += count
+    assert outside == 0 and inside >= 20

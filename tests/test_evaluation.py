@@ -340,3 +340,76 @@ def test_format_table_of_computed_results() -> None:
     assert lines[0].split() == ["Category", I_AUROC, AUPRO, "Images"]
     assert [line.split()[0] for line in lines[2:5]] == list(CATEGORIES)
     assert lines[-1].split()[2] == f"{100 * results['mean'][AUPRO]:.1f}"
+
+
+# ------------------------------------------------------------------ unknown masks
+
+
+def _feed_with_known(evaluator: AnomalyEvaluator, data: tuple, known: np.ndarray) -> None:
+    scores, labels, maps, masks, categories = data
+    for start in range(0, len(scores), 5):
+        rows = slice(start, start + 5)
+        evaluator.update(
+            scores[rows], labels[rows], maps[rows], masks[rows], categories[rows], known[rows]
+        )
+
+
+def test_categories_with_unknown_masks_get_image_metrics_and_none_pixel_metrics() -> None:
+    data = make_test_set(np.random.default_rng(4))
+    scores, labels, _, _, categories = data
+    # "cable" lacks the mask of one defective image; the others have all of theirs.
+    known = np.ones(len(scores), dtype=bool)
+    known[next(i for i in np.flatnonzero(labels) if categories[i] == "cable")] = False
+    evaluator = AnomalyEvaluator()
+    _feed_with_known(evaluator, data, known)
+    with pytest.warns(UserWarning, match=r"are None .* 'cable' \(1 of 12 images\)") as caught:
+        results = evaluator.compute()
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    cable = results["per_category"]["cable"]
+    assert all(cable[m] is None for m in PIXEL_METRICS)
+    assert {m: cable[m] for m in IMAGE_METRICS} == {
+        m: expected_row(data, "cable")[m] for m in IMAGE_METRICS
+    }
+    # The categories with every mask keep their pixel metrics; the mean has none.
+    assert results["per_category"]["bottle"] == expected_row(data, "bottle")
+    assert all(results["mean"][m] is None for m in PIXEL_METRICS)
+    image_mean = np.mean([results["per_category"][c][I_AUROC] for c in CATEGORIES])
+    assert results["mean"][I_AUROC] == pytest.approx(image_mean, abs=1e-15)
+    assert evaluator.images_without_mask == {"cable": 1}
+    table = format_table(results)
+    cable_line = next(line for line in table.splitlines() if line.startswith("cable"))
+    cells = dict(zip(METRIC_NAMES, cable_line.split()[1:], strict=False))
+    assert [metric for metric, cell in cells.items() if cell == "n/a"] == [
+        P_AUROC,
+        AUPRO,
+        P_AP,
+        P_F1_MAX,
+    ]
+
+
+def test_unknown_masks_free_the_stored_pixels_and_stay_unknown() -> None:
+    data = make_test_set(np.random.default_rng(5))
+    scores, labels, maps, masks, _ = data
+    evaluator = AnomalyEvaluator()
+    evaluator.update(scores[:4], labels[:4], maps[:4], masks[:4], ["a"] * 4)
+    assert len(evaluator._buffers["a"].maps) == 4
+    evaluator.update(scores[4:8], labels[4:8], maps[4:8], masks[4:8], ["a"] * 4, [0, 1, 1, 1])
+    evaluator.update(scores[8:], labels[8:], maps[8:], masks[8:], ["a"] * (len(scores) - 8))
+    assert len(evaluator._buffers["a"].maps) == 0 and evaluator._buffers["a"].n_pixels == 0
+    with pytest.warns(UserWarning):
+        row = evaluator.compute()["per_category"]["a"]
+    assert row[P_AUROC] is None and row[N_IMAGES] == len(scores)
+    assert row[I_AUROC] == pytest.approx(image_metrics(scores, labels).auroc)
+
+
+def test_has_mask_is_validated() -> None:
+    data = make_test_set(np.random.default_rng(6))
+    scores, labels, maps, masks, categories = (item[:4] for item in data)
+    evaluator = AnomalyEvaluator()
+    with pytest.raises(ValueError, match="has_mask must be binary"):
+        evaluator.update(scores, labels, maps, masks, categories, [0, 1, 2, 1])
+    with pytest.raises(ValueError, match="'has_mask': 3"):
+        evaluator.update(scores, labels, maps, masks, categories, [1, 1, 1])
+    assert len(evaluator) == 0
+    evaluator.update(scores, labels, maps, masks, categories, torch.ones(4, dtype=torch.bool))
+    assert evaluator.images_without_mask == {}

@@ -303,6 +303,7 @@ def test_predict_save_and_fit_from_another_thread_during_fit_are_refused(data_ro
 
 def test_training_after_inference_mode_prediction(data_root):
     detector = _detector()
+    detector.allow_untrained = True
     with torch.inference_mode():
         first = detector.predict(torch.rand(3, 56, 56, generator=torch.Generator().manual_seed(0)))
     detector.fit(data_root, epochs=1, progress=False)

@@ -8,7 +8,7 @@ functions, the evaluator and the errors. Everything else lives in its module:
 ``cncad.checkpoint`` (the file format), ``cncad.files``, ``cncad.visualize``.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 import importlib
 import warnings
@@ -23,7 +23,9 @@ if TYPE_CHECKING:
         ModelFileError,
         ModelVersionError,
         NonFiniteError,
+        NotTrainedError,
         TrainingBusyError,
+        WeightsUnavailableError,
     )
     from cncad.evaluation import AnomalyEvaluator
     from cncad.model import CNCModel
@@ -53,12 +55,14 @@ __all__ = [
     "ModelVersionError",
     "MultiLayerFusion",
     "NonFiniteError",
+    "NotTrainedError",
     "Prediction",
     "PredictionBatch",
     "PromptLearner",
     "ResidualAttentionDecoder",
     "Trainer",
     "TrainingBusyError",
+    "WeightsUnavailableError",
     "__version__",
     "anomaly_map",
     "image_score",
@@ -105,12 +109,14 @@ _PUBLIC = {
     "ModelVersionError": "cncad.errors",
     "MultiLayerFusion": "cncad.modules",
     "NonFiniteError": "cncad.errors",
+    "NotTrainedError": "cncad.errors",
     "Prediction": "cncad.detector",
     "PredictionBatch": "cncad.detector",
     "PromptLearner": "cncad.modules",
     "ResidualAttentionDecoder": "cncad.modules",
     "Trainer": "cncad.training",
     "TrainingBusyError": "cncad.errors",
+    "WeightsUnavailableError": "cncad.errors",
     "anomaly_map": "cncad.scoring",
     "image_score": "cncad.scoring",
     "importance_loss": "cncad.modules",

@@ -14,6 +14,7 @@ only, so it loads with ``torch.load(..., weights_only=True)``:
 | ``epochs_trained``, ``history`` | the training progress and one dict of loss means per epoch |
 | ``training`` | checkpoints only: ``{"optimizer": Adam's state_dict}`` |
 | ``normal_statistics`` | map and score quantiles on normal training images, or None |
+| ``calibration`` | optional: thresholds and score normalisation (see below) |
 | ``checksum`` | ``"sha256:<hex>"`` of everything above |
 
 The checksum is computed over the values, not the bytes of the pickle (see
@@ -22,6 +23,11 @@ changed byte is a [`ModelFileError`][cncad.errors.ModelFileError], never a detec
 scores differently. Files are written atomically ([`atomic_write`][cncad.files.atomic_write])
 and never with non-finite weights. Version 1 files (cncad 0.1, no checksum, no ``kind``)
 are still read.
+
+``calibration`` ([`Calibration.to_dict`][cncad.calibration.Calibration.to_dict]) is
+written only by a calibrated detector; a file without it reads as uncalibrated. Being an
+optional key, it needed no new format version: readers that predate it ignore it (and
+the checksum covers it either way).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from cncad import __version__
+from cncad.calibration import Calibration
 from cncad.config import CNCConfig
 from cncad.errors import ModelFileError, ModelVersionError, NonFiniteError
 from cncad.files import atomic_write
@@ -82,6 +89,8 @@ class DetectorFile:
         cncad_version: The cncad version that wrote the file.
         normal_statistics: Map and score quantiles of the trained model on its normal
             training images (see [`Trainer`][cncad.training.Trainer]), or None.
+        calibration: The detector's [`Calibration`][cncad.calibration.Calibration] as
+            ``to_dict`` gives it, or None.
     """
 
     config: CNCConfig
@@ -94,6 +103,7 @@ class DetectorFile:
     optimizer_state: dict[str, Any] | None = None
     cncad_version: str = __version__
     normal_statistics: dict[str, float] | None = None
+    calibration: dict[str, Any] | None = None
 
 
 def content_checksum(payload: dict[str, Any]) -> str:
@@ -103,7 +113,7 @@ def content_checksum(payload: dict[str, Any]) -> str:
     bytes; dicts in the order of their sorted keys; lists, strings and numbers as such. The
     ``checksum`` entry itself is left out.
 
-    Example:
+    Examples:
         >>> content_checksum({"a": 1.0}) == content_checksum({"a": 1.0})
         True
         >>> content_checksum({"a": 1.0}) == content_checksum({"a": 1.0000001})
@@ -173,6 +183,8 @@ def write_detector_file(path: str | os.PathLike, contents: DetectorFile) -> Path
         "training": None,
         "normal_statistics": contents.normal_statistics,
     }
+    if contents.calibration is not None:  # optional key: older cncad 0.2 readers ignore it
+        payload["calibration"] = Calibration.from_dict(contents.calibration).to_dict()
     if contents.optimizer_state is not None:
         optimizer_state = _to_cpu(contents.optimizer_state)
         _refuse_non_finite(_tensors_of(optimizer_state), "optimizer moments")
@@ -289,6 +301,12 @@ def _validated(path: Path, payload: dict[str, Any]) -> DetectorFile:
         )
     ):
         raise ModelFileError(f"{path} is damaged: 'normal_statistics' should map names to numbers")
+    calibration = payload.get("calibration")
+    if calibration is not None:
+        try:
+            calibration = Calibration.from_dict(calibration).to_dict()
+        except (TypeError, ValueError) as error:
+            raise ModelFileError(f"{path} is damaged: 'calibration' is invalid: {error}") from error
     return DetectorFile(
         normal_statistics=None if statistics is None else dict(statistics),
         config=config,
@@ -300,6 +318,7 @@ def _validated(path: Path, payload: dict[str, Any]) -> DetectorFile:
         kind=kind,
         optimizer_state=optimizer_state,
         cncad_version=str(payload.get("cncad_version")),
+        calibration=calibration,
     )
 
 

@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,12 +31,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cncad.config import CNCConfig
-from cncad.errors import CNCADError, DatasetError
+from cncad.errors import CNCADError
 from cncad.files import atomic_write, check_output_dir, check_output_file, save_image_atomic
 
 if TYPE_CHECKING:
     import numpy as np
-    from torch.utils.data import Dataset
 
 __all__ = ["build_parser", "main"]
 
@@ -50,16 +50,22 @@ _TINY_NOTE = (
     "(backbone 'ViT-L-14-336-quickgelu', pretrained 'openai' or a local checkpoint)."
 )
 
-#: Errors reported as one line (they are about the inputs, not bugs in cncad).
-_USER_ERRORS: tuple[type[BaseException], ...] = (
-    CNCADError,
-    OSError,
-    ValueError,
-    RuntimeError,
-    FloatingPointError,
-)
+#: Errors that are always about the user's inputs or machine: reported as one line.
+_USER_ERRORS: tuple[type[BaseException], ...] = (CNCADError, OSError)
+
+#: Errors reported as one line when cncad's own code raised them (its checks); raised
+#: inside torch, numpy or another library they are bugs in cncad.
+_CHECK_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, RuntimeError)
+
+#: Exit status for an unexpected failure, a bug (BSD's EX_SOFTWARE).
+_INTERNAL_ERROR = 70
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 _SCORES_FILE = "scores.csv"
+
+#: Exit status of ``cncad predict`` when it scored the readable images but skipped others.
+_SOME_IMAGES_FAILED = 3
 
 
 # --------------------------------------------------------------------------------------
@@ -95,6 +101,46 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _open_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be above 0 and below 1, got {text}")
+    return value
+
+
+_open_fraction.__name__ = "float"
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value:g}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value:g}")
+    return value
+
+
+_finite_float.__name__ = _positive_float.__name__ = _non_negative_float.__name__ = "float"
+
+
 def _pretrained(text: str) -> str | None:
     return None if text.lower() == "none" else text
 
@@ -102,64 +148,6 @@ def _pretrained(text: str) -> str | None:
 # --------------------------------------------------------------------------------------
 # Helpers shared by the subcommands
 # --------------------------------------------------------------------------------------
-
-
-def _existing_dir(path: Path, what: str) -> Path:
-    """Check that ``path`` is an existing directory; ``what`` names it in the message."""
-    if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    if not path.is_dir():
-        raise DatasetError(f"{what} is not a folder: {path}")
-    return path
-
-
-def _check_not_a_split_folder(root: Path) -> None:
-    """Refuse a folder that looks like the ``test/`` split of an MVTec-style category.
-
-    Read as a plain folder, its defect subfolders would be taken as normal images.
-    """
-    from cncad.data import NORMAL_FOLDER_NAMES
-
-    subdirs = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    normal = [name for name in subdirs if name.lower() in NORMAL_FOLDER_NAMES]
-    others = [name for name in subdirs if name.lower() not in NORMAL_FOLDER_NAMES]
-    if (normal and others) or "ground_truth" in subdirs:
-        raise DatasetError(
-            f"{root} looks like part of an MVTec-style dataset (it has the folders "
-            f"{', '.join(sorted(subdirs))}); pass the category folder, the one that holds "
-            "train/ and test/, or a folder of normal images only"
-        )
-
-
-def _training_data(root: Path, image_size: int) -> tuple[Dataset, str]:
-    """The training dataset for ``cncad fit DATA`` and a one-line description of it.
-
-    ``DATA`` is read as an MVTec-style tree when it, or one of its immediate subfolders,
-    holds a ``train/`` or ``test/`` folder ([`find_categories`][cncad.data.folder.find_categories]);
-    then the normal images of every category's ``train/good`` are used. Otherwise it is a plain
-    folder: every image file under it, searched recursively, is a normal image.
-    """
-    from cncad.data import AnomalyFolder, ImageFolderDataset, find_categories
-
-    _existing_dir(root, "data folder")
-    try:
-        find_categories(root)
-    except DatasetError:
-        _check_not_a_split_folder(root)
-        try:
-            plain = ImageFolderDataset(root, image_size=image_size)
-        except DatasetError as error:
-            raise DatasetError(
-                f"{error}; nor is {root} an MVTec-style dataset (no train/ or test/ "
-                "folder in it or in a folder directly inside it)"
-            ) from error
-        return plain, f"plain image folder {root}: {len(plain)} images, all taken as normal"
-    tree = AnomalyFolder(root, split="train", image_size=image_size)
-    return tree, (
-        f"MVTec-style dataset {root}: {len(tree)} normal training images in "
-        f"{len(tree.categories)} categor{'y' if len(tree.categories) == 1 else 'ies'} "
-        f"({', '.join(tree.categories)})"
-    )
 
 
 def _load_detector(path: str, **overrides: Any) -> Any:
@@ -181,6 +169,31 @@ def _print_training_loss(history: list[dict[str, float]]) -> None:
             f"training loss: first epoch {history[0]['total']:.4f}, "
             f"last epoch {history[-1]['total']:.4f}"
         )
+
+
+def _is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` reports a problem with the inputs (one line) rather than a bug.
+
+    cncad's own error types and ``OSError`` always do. A ``ValueError`` or ``TypeError``
+    does when a ``raise`` in cncad's code made it, i.e. one of its argument checks; the
+    same types raised deep inside torch or numpy mean cncad passed them something it
+    should not have. Errors re-raised from DataLoader workers are judged by the worker's
+    traceback, which they carry in their message.
+    """
+    if isinstance(error, _USER_ERRORS):
+        return True
+    if not isinstance(error, _CHECK_ERRORS):
+        return False
+    text = str(error)
+    if "Original Traceback" in text:
+        files = re.findall(r'File "([^"]+)"', text)
+        return bool(files) and Path(files[-1]).resolve().is_relative_to(_PACKAGE_DIR)
+    frame = error.__traceback__
+    if frame is None:
+        return False
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
 
 
 def _one_line(error: BaseException) -> str:
@@ -209,6 +222,7 @@ _FIXED_ON_RESUME = ("backbone", "pretrained", "image_size", "batch_size", "lr", 
 
 
 def _fit(args: argparse.Namespace) -> int:
+    from cncad.data import open_dataset
     from cncad.detector import CNCDetector
 
     fields = {
@@ -250,10 +264,13 @@ def _fit(args: argparse.Namespace) -> int:
             f"resuming {args.resume}: {detector.epochs_trained} of "
             f"{detector.config.epochs} epochs done"
         )
+        data = open_dataset(args.data, "train", image_size=detector.config.image_size)
     else:
-        detector = CNCDetector(_DEFAULTS.replace(**overrides))
-    data, description = _training_data(Path(args.data), detector.config.image_size)
-    print(f"training data: {description}")
+        config = _DEFAULTS.replace(**overrides)
+        # The data folder is checked before the backbone, which may take minutes to load.
+        data = open_dataset(args.data, "train", image_size=config.image_size)
+        detector = CNCDetector(config)
+    print(f"training data: {data.describe()}")
     if args.threshold is not None:
         detector.threshold = args.threshold
     print(detector)
@@ -293,15 +310,14 @@ def _image_list(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
     relative to it, under a folder named like it. Names that would clash get ``-2``,
     ``-3``, ... appended.
     """
-    from cncad.data import ImageFolderDataset
+    from cncad._decode import iter_inputs  # torch-free, for ONNX models
 
     pairs: list[tuple[Path, Path]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             base = Path(path.resolve().name)
-            found = ImageFolderDataset(path, image_size=1).paths
-            pairs.extend((image, base / image.relative_to(path)) for image in found)
+            pairs.extend((image, base / image.relative_to(path)) for image in iter_inputs(path))
         elif path.is_file():
             pairs.append((path, Path(path.name)))
         else:
@@ -345,16 +361,55 @@ def _write_overlay(
     save_image_atomic(heatmap, path)
 
 
-def _write_scores(
-    path: Path, images: list[tuple[Path, Path]], scores: list[float], labels: list[bool]
-) -> None:
-    """Write ``scores.csv`` (``path,score[,is_anomalous]``) atomically."""
+def _write_scores(path: Path, rows: list[tuple[str, float, bool | None, float | None]]) -> None:
+    """Write ``scores.csv`` (``path,score[,is_anomalous][,norm_score]``) atomically, in order.
+
+    ``rows`` holds ``(image path, score, label or None, normalised score or None)`` for
+    every image that was scored.
+    """
+    labelled = any(row[2] is not None for row in rows)
+    normalised = any(row[3] is not None for row in rows)
     with atomic_write(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "score", *(["is_anomalous"] if labels else [])])
-        for index, ((image, _), score) in enumerate(zip(images, scores, strict=True)):
-            flag = ["true" if labels[index] else "false"] if labels else []
-            writer.writerow([str(image), f"{score:.8g}", *flag])
+        writer.writerow(
+            [
+                "path",
+                "score",
+                *(["is_anomalous"] if labelled else []),
+                *(["norm_score"] if normalised else []),
+            ]
+        )
+        for image, score, label, norm in rows:
+            flag = ["true" if label else "false"] if labelled else []
+            extra = [f"{norm:.6f}"] if normalised else []
+            writer.writerow([image, f"{score:.9g}", *flag, *extra])
+
+
+def _predict_thresholds(args: argparse.Namespace, detector: Any) -> tuple[Any, Any]:
+    """The image and pixel thresholds ``predict`` applies.
+
+    ``--category``'s calibrated ones, ``--threshold``, or the model's.
+    """
+    if args.category is not None:
+        if args.threshold is not None:
+            raise ValueError(
+                "--category applies the thresholds calibrated for that category; drop --threshold"
+            )
+        if detector.calibration is None:
+            raise ValueError(
+                f"--category needs a calibrated model: run 'cncad calibrate {args.model} DATA "
+                "--per-category' first"
+            )
+        chosen = detector.calibration.for_category(args.category)
+        return chosen.threshold, chosen.pixel_threshold
+    if args.threshold is not None:
+        detector.threshold = args.threshold
+        # the normalised scores are centred on the calibrated threshold, not this one
+        detector.calibration = None
+    pixel_threshold = detector.pixel_threshold
+    if pixel_threshold is None:
+        pixel_threshold = detector.threshold
+    return detector.threshold, pixel_threshold
 
 
 def _colour_scale(args: argparse.Namespace, detector: Any) -> tuple[float, float] | None:
@@ -380,7 +435,41 @@ def _colour_scale(args: argparse.Namespace, detector: Any) -> tuple[float, float
     return low, high
 
 
+def _is_onnx_file(path: str) -> bool:
+    """Whether ``path`` names an exported ONNX model (by its extension)."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def _load_onnx_detector(path: str, device: str, batch_size: int | None) -> Any:
+    """An [`ONNXDetector`][cncad.deploy.ONNXDetector] for ``cncad predict MODEL.onnx``."""
+    from cncad.deploy import ONNXDetector
+
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    elif device != "auto" and device != "cpu":
+        raise ValueError(f"--device {device}: an ONNX model runs on 'auto', 'cpu' or 'cuda'")
+    try:
+        detector = ONNXDetector(path, providers=providers)
+    except ImportError as error:
+        raise CNCADError(str(error)) from error
+    if batch_size is not None:
+        detector.batch_size = batch_size
+    print(
+        f"loaded {path}: ONNX model exported by cncad {detector.version}, image size "
+        f"{detector.image_size}, threshold {detector.threshold}, "
+        f"on {', '.join(detector.providers)}"
+    )
+    return detector
+
+
+def _as_numpy(values: Any) -> np.ndarray:
+    """A CPU tensor or a numpy array as a numpy array."""
+    return values.numpy() if hasattr(values, "numpy") else values
+
+
 def _predict(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
 
     if args.vmin is not None and args.vmax is not None and args.vmin >= args.vmax:
         raise ValueError(f"--vmin ({args.vmin:g}) must be below --vmax ({args.vmax:g})")
@@ -391,34 +480,47 @@ def _predict(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"device": args.device}
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
-    detector = _load_detector(args.model, **overrides)
-    if args.threshold is not None:
-        detector.threshold = args.threshold
-    pixel_threshold = detector.pixel_threshold
-    if pixel_threshold is None:
-        pixel_threshold = detector.threshold
+    if _is_onnx_file(args.model):  # an exported model: the same outputs, run by onnxruntime
+        detector = _load_onnx_detector(args.model, args.device, args.batch_size)
+    else:
+        detector = _load_detector(args.model, **overrides)
+    threshold, pixel_threshold = _predict_thresholds(args, detector)
     if args.save_masks and pixel_threshold is None:
         raise ValueError("--save-masks needs a threshold: pass --threshold or calibrate the model")
     scale = _colour_scale(args, detector)
     scale_source = "fixed" if scale is not None else "first batch"
-    map_range = 2.0 * len(detector.model.layers)  # each layer adds 1 - cos in [0, 2]
-    scores: list[float] = []
-    labels: list[bool] = []
+    layers = detector.layers if _is_onnx_file(args.model) else detector.model.layers
+    map_range = 2.0 * len(layers)  # each layer adds 1 - cos in [0, 2]
+    rows: dict[int, tuple[str, float, bool | None, float | None]] = {}
+    failed: list[tuple[str, str]] = []
     batches = detector.predict_iter(
         [image for image, _ in images],
         num_workers=args.num_workers,
         progress=not args.quiet,
         keep_images=True,
+        on_error="skip",
+        category=args.category,
     )
     # Drawing and PNG-encoding a heatmap costs more than scoring it, so the writes run on
     # their own threads too (zlib releases the GIL); at most two batches wait for them.
     writers = ThreadPoolExecutor(max_workers=args.num_workers) if args.num_workers else None
     pending: deque[Future] = deque()
+    table = out / _SCORES_FILE
     try:
         for batch in batches:
-            scores.extend(float(score) for score in batch.pred_score)
-            if batch.pred_label is not None:
-                labels.extend(bool(flag) for flag in batch.pred_label)
+            for failure in batch.failures:
+                failed.append((str(images[failure.index][0]), failure.reason))
+                # tqdm.write keeps the line apart from the progress bar on the same stream.
+                tqdm.write(
+                    f"cncad: skipped {images[failure.index][0]}: {failure.reason}", file=sys.stderr
+                )
+            for position, index in enumerate(batch.indices):
+                label = None if batch.pred_label is None else bool(batch.pred_label[position])
+                norm = None if batch.norm_score is None else float(batch.norm_score[position])
+                score = float(batch.pred_score[position])
+                rows[index] = (str(images[index][0]), score, label, norm)
+            if not batch.indices:
+                continue
             if scale is None:  # a model without statistics: the first batch fills in
                 low = min(float(m.min()) for m in batch.anomaly_map)
                 high = max(float(m.max()) for m in batch.anomaly_map)
@@ -429,7 +531,7 @@ def _predict(args: argparse.Namespace) -> int:
                 job = (
                     out / images[index][1],
                     batch.images[position],
-                    batch.anomaly_map[position].numpy(),
+                    _as_numpy(batch.anomaly_map[position]),
                     args,
                     scale,
                     map_range,
@@ -448,17 +550,27 @@ def _predict(args: argparse.Namespace) -> int:
             for future in pending:
                 future.cancel()
             writers.shutdown(wait=True)
+        # Written whatever happened, so that a stopped run still says what it scored.
+        _write_scores(table, [rows[index] for index in sorted(rows)])
 
-    table = out / _SCORES_FILE
-    _write_scores(table, images, scores, labels)
     vmin, vmax = scale if scale is not None else (math.nan, math.nan)
-    print(f"scored {len(images)} images: heatmap overlays in {out}, scores in {table}")
-    print(
-        f"heatmap colour scale ({scale_source}): {vmin:.6g} (blue) to {vmax:.6g} (red); "
-        f"pass --vmin {vmin:.6g} --vmax {vmax:.6g} to draw other runs on the same scale"
-    )
+    counted = f"{len(rows)} of {len(images)}" if failed else f"{len(rows)}"
+    print(f"scored {counted} images: heatmap overlays in {out}, scores in {table}")
+    if rows:
+        print(
+            f"heatmap colour scale ({scale_source}): {vmin:.6g} (blue) to {vmax:.6g} (red); "
+            f"pass --vmin {vmin:.6g} --vmax {vmax:.6g} to draw other runs on the same scale"
+        )
+    labels = [row[2] for row in rows.values() if row[2] is not None]
     if labels:
-        print(f"{sum(labels)} of {len(labels)} images have a score >= {detector.threshold:.6g}")
+        print(f"{sum(labels)} of {len(labels)} images have a score >= {threshold:.6g}")
+    if failed:
+        print(
+            f"cncad: {len(failed)} of {len(images)} images could not be read (listed above); "
+            f"exit status {_SOME_IMAGES_FAILED}",
+            file=sys.stderr,
+        )
+        return _SOME_IMAGES_FAILED
     return 0
 
 
@@ -473,9 +585,10 @@ def _write_outputs(
 ) -> None:
     """Write one image's overlay and the optional map and mask files next to it."""
     import numpy as np
-    import torch
 
-    picture = image.permute(1, 2, 0).mul(255).round().to(torch.uint8).numpy()
+    # (3, H, W) float32 in [0, 1]: a CPU tensor from a torch model, an array from an ONNX one
+    pixels = np.asarray(image, dtype=np.float32)
+    picture = np.rint(pixels.transpose(1, 2, 0) * np.float32(255)).astype(np.uint8)
     _write_overlay(target, picture, values, args.alpha, *scale)
     if args.save_maps == "npy":
         with atomic_write(target.with_suffix(".map.npy"), "wb") as handle:
@@ -517,7 +630,7 @@ def _finite_or_none(value: Any) -> Any:
 def _json_results(results: dict[str, Any], model: str, data: str) -> dict[str, Any]:
     def clean(row: dict[str, Any]) -> dict[str, Any]:
         return {
-            key: _finite_or_none(float(v) if key != "n_images" else int(v))
+            key: None if v is None else _finite_or_none(float(v) if key != "n_images" else int(v))
             for key, v in row.items()
         }
 
@@ -530,24 +643,27 @@ def _json_results(results: dict[str, Any], model: str, data: str) -> dict[str, A
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from cncad.data import AnomalyFolder, find_categories
+    from cncad.data import open_dataset
     from cncad.evaluation import format_table
 
     if args.json is not None:
         check_output_file(args.json, inputs=[args.model, args.data], what="--json")
-    data = _existing_dir(Path(args.data), "data folder")
-    find_categories(data)
+    data = Path(args.data)
+    open_dataset(data, "test", mask_size=args.eval_size)  # the folder's checks, before loading
     overrides: dict[str, Any] = {"device": args.device}
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     if args.num_workers is not None:
         overrides["num_workers"] = args.num_workers
     detector = _load_detector(args.model, **overrides)
-    test_set = AnomalyFolder(
-        data, split="test", image_size=detector.config.image_size, mask_size=args.eval_size
+    test_set = open_dataset(
+        data, "test", image_size=detector.config.image_size, mask_size=args.eval_size
     )
-    print(f"test data: {test_set}")
-    results = detector.evaluate(test_set, eval_size=args.eval_size, progress=not args.quiet)
+    print(f"test data: {test_set.describe()}")
+    with warnings.catch_warnings(record=True) as caught:  # e.g. no masks: printed as one line
+        results = detector.evaluate(test_set, eval_size=args.eval_size, progress=not args.quiet)
+    for warning in caught:
+        print(f"cncad: warning: {warning.message}", file=sys.stderr)
     print(format_table(results))
     if args.json is not None:
         path = Path(args.json)
@@ -560,11 +676,61 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# cncad calibrate
+# --------------------------------------------------------------------------------------
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from cncad.checkpoint import read_detector_file, write_detector_file
+    from cncad.data import open_dataset
+
+    data = Path(args.data)
+    out = Path(args.out) if args.out is not None else Path(args.model)
+    in_place = out.resolve() == Path(args.model).resolve()
+    check_output_file(out, inputs=[data] if in_place else [args.model, data], what="--out")
+    open_dataset(data, "test", mask_size=args.eval_size)  # the folder's checks, before loading
+    contents = read_detector_file(args.model)
+    overrides: dict[str, Any] = {"device": args.device}
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    detector = _load_detector(args.model, **overrides)
+    test_set = open_dataset(
+        data, "test", image_size=detector.config.image_size, mask_size=args.eval_size
+    )
+    print(f"calibration data: {test_set.describe()}")
+    result = detector.calibrate(
+        test_set,
+        target_fpr=args.target_fpr,
+        per_category=args.per_category,
+        eval_size=args.eval_size,
+        progress=not args.quiet,
+    )
+    # Only the calibration changes: the weights, the stored settings (not this run's
+    # --device/--batch-size) and a checkpoint's optimizer state are written back as read.
+    updated = dataclasses.replace(
+        contents,
+        threshold=result.threshold,
+        pixel_threshold=result.pixel_threshold,
+        calibration=result.to_dict(),
+    )
+    write_detector_file(out, updated)  # atomic: a failure leaves the old file whole
+    print(f"calibrated: {result.summary()}")
+    for name, child in sorted(result.per_category.items()):
+        print(f"  {name}: {child.summary()}")
+    print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # cncad demo
 # --------------------------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import itertools
+
     import numpy as np
 
     from cncad.data import AnomalyFolder, load_image, load_mask, make_synthetic_dataset
@@ -601,10 +767,23 @@ def _demo(args: argparse.Namespace) -> int:
     model_path = detector.save(out / "model.cnc")
     print(f"saved the trained detector to {model_path}")
 
+    # Every category is drawn: defective images are taken in turn from each category
+    # (and, within one, from each defect type), then one normal image from the next one.
+    def interleave(groups: list[list[Any]]) -> list[Any]:
+        return [item for row in itertools.zip_longest(*groups) for item in row if item is not None]
+
     test_set = AnomalyFolder(data_root, split="test", image_size=args.image_size)
-    defective = [s for s in test_set.samples if s.label == 1][: args.heatmaps]
-    normal = [s for s in test_set.samples if s.label == 0][:1]
-    chosen = defective + normal
+    categories = list(dict.fromkeys(s.category for s in test_set.samples))
+    by_category = []
+    for category in categories:
+        defects = [s for s in test_set.samples if s.category == category and s.label == 1]
+        kinds = dict.fromkeys(s.defect_type for s in defects)
+        by_category.append(interleave([[s for s in defects if s.defect_type == k] for k in kinds]))
+    chosen = interleave(by_category)[: args.heatmaps]
+    normal = [s for s in test_set.samples if s.label == 0]
+    turn = len(chosen) % len(categories)
+    normal.sort(key=lambda s: (categories.index(s.category) - turn) % len(categories))
+    chosen += normal[:1]
     prediction = detector.predict([str(s.path) for s in chosen])
     maps = prediction.anomaly_map
     scale = (float(min(m.min() for m in maps)), float(max(m.max() for m in maps)))
@@ -617,7 +796,7 @@ def _demo(args: argparse.Namespace) -> int:
             image,
             amap.numpy(),
             mask,
-            title=f"score {float(score):.3f}",
+            title=f"{sample.category} / {sample.defect_type}: image score {float(score):.3f}",
             vmin=scale[0],
             vmax=scale[1],
         )
@@ -635,7 +814,9 @@ _MAIN_EPILOG = """\
 typical use:
   cncad fit mvtec_ad --out model.cnc                 train one model on all categories
   cncad evaluate model.cnc mvtec_ad --json eval.json  seven metrics per category
+  cncad calibrate model.cnc held_out --target-fpr 0.01  thresholds into the model file
   cncad predict model.cnc new_parts/ --out results    heatmaps and scores.csv
+  cncad export model.cnc --out model.onnx             one ONNX graph, runs without torch
   cncad demo                                          offline try-out, about a minute
 
 'cncad COMMAND --help' explains each command."""
@@ -708,6 +889,29 @@ examples:
 The JSON file holds {"model", "data", "per_category": {name: {metric: value,
 "n_images": n}}, "mean": {...}} with values in [0, 1] and null for undefined ones."""
 
+_CALIBRATE_DESCRIPTION = """\
+Choose the thresholds from which 'cncad predict' calls an image (and a pixel) anomalous,
+and store them, with the score normalisation, in the model file.
+
+DATA is an MVTec AD-style dataset, as for 'cncad evaluate'; its test/ split calibrates.
+Use images the model was not trained on.
+  * test/good images only: the image threshold lets --target-fpr of them be flagged
+    (there must be at least 1 / F of them), the pixel threshold likewise on their pixels;
+  * with defect folders too: the thresholds with the best F1 score on the images
+    (and on the mask pixels; without masks the pixel threshold falls back to
+    --target-fpr on the normal images' pixels).
+With --per-category every category also gets its own thresholds, used by
+'cncad predict --category NAME': a multi-class model's scores differ between products.
+
+MODEL is replaced atomically (or --out is written); its weights, settings and training
+state are kept as they were."""
+
+_CALIBRATE_EPILOG = """\
+examples:
+  cncad calibrate model.cnc held_out_good --target-fpr 0.01
+  cncad calibrate model.cnc mvtec_ad --per-category --out calibrated.cnc
+  cncad predict calibrated.cnc new_bottles/ --out results --category bottle"""
+
 _DEMO_DESCRIPTION = """\
 Generate a small synthetic defect dataset (two categories), train one multi-class CNC
 model with the tiny random backbone, print the seven metrics per category and write
@@ -717,6 +921,64 @@ _DEMO_EPILOG = """\
 examples:
   cncad demo
   cncad demo --out /tmp/cnc --epochs 5 --quiet"""
+
+
+# --------------------------------------------------------------------------------------
+# cncad export
+# --------------------------------------------------------------------------------------
+
+_EXPORT_DESCRIPTION = """\
+Export a trained detector as one ONNX graph that runs without torch.
+
+The graph takes (N, 3, S, S) float images in [0, 1] (S: the model's image size; CLIP
+normalisation is inside) and returns pred_score (N,) and anomaly_map (N, S, S); a model
+with a threshold also returns pred_label and pred_mask, a calibrated one norm_score and
+norm_map. Its metadata holds the cncad version, the settings, the thresholds and the
+calibration. Run it with cncad.deploy.ONNXDetector (pip install cncad[deploy]), with
+'cncad predict MODEL.onnx ...', or with OpenVINO's runtime, which reads ONNX files.
+
+--out is checked before any work and may not be the model file; an existing file is
+replaced atomically."""
+
+_EXPORT_EPILOG = """\
+examples:
+  cncad export model.cnc --out model.onnx
+  cncad predict model.onnx new_parts/ --out results"""
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cncad.export import export
+
+    target = check_output_file(args.out, inputs=[args.model], what="--out")
+    detector = _load_detector(args.model, device="cpu")
+    start = time.perf_counter()
+    try:
+        path = export(detector, target, "onnx", opset=args.opset)
+    except ImportError as error:
+        raise CNCADError(str(error)) from error
+    size = path.stat().st_size / 2**20
+    print(
+        f"exported {args.model} to {path} ({size:.1f} MiB, opset {args.opset}) in "
+        f"{time.perf_counter() - start:.1f} s; run it with cncad.deploy.ONNXDetector or "
+        f"'cncad predict {path} IMAGES --out DIR'"
+    )
+    return 0
+
+
+def _add_export(commands: Any) -> None:
+    export = _subparser(
+        commands,
+        "export",
+        "export a trained detector to ONNX, to run without torch",
+        _EXPORT_DESCRIPTION,
+        _EXPORT_EPILOG,
+    )
+    export.add_argument("model", metavar="MODEL", help="model file written by 'cncad fit'")
+    export.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    export.add_argument(
+        "--opset", type=_int_at_least(17), default=17, metavar="N", help="ONNX opset (default 17)"
+    )
+    export.set_defaults(handler=_export)
 
 
 def _subparser(
@@ -797,7 +1059,10 @@ def _add_fit(commands: Any) -> None:
         help=f"training batch size (default: {_DEFAULTS.batch_size})",
     )
     fit.add_argument(
-        "--lr", type=float, metavar="RATE", help=f"Adam learning rate (default: {_DEFAULTS.lr:g})"
+        "--lr",
+        type=_positive_float,
+        metavar="RATE",
+        help=f"Adam learning rate (default: {_DEFAULTS.lr:g})",
     )
     fit.add_argument(
         "--num-workers",
@@ -808,13 +1073,13 @@ def _add_fit(commands: Any) -> None:
     fit.add_argument("--device", help=f"auto, cpu, cuda, cuda:1, ... (default: {_DEFAULTS.device})")
     fit.add_argument(
         "--seed",
-        type=int,
+        type=_non_negative_int,
         metavar="N",
         help=f"seed of weights, data order, noise (default: {_DEFAULTS.seed})",
     )
     fit.add_argument(
         "--threshold",
-        type=float,
+        type=_finite_float,
         metavar="SCORE",
         help="image score from which 'predict' reports an image as anomalous; stored "
         "in the model file (default: none)",
@@ -872,9 +1137,15 @@ def _add_predict(commands: Any) -> None:
     )
     predict.add_argument(
         "--threshold",
-        type=float,
+        type=_finite_float,
         metavar="SCORE",
         help="image score threshold for is_anomalous (default: the model's, if any)",
+    )
+    predict.add_argument(
+        "--category",
+        metavar="NAME",
+        help="apply the thresholds calibrated for this category ('cncad calibrate "
+        "--per-category'); default: the model's global ones",
     )
     predict.add_argument(
         "--alpha",
@@ -884,10 +1155,10 @@ def _add_predict(commands: Any) -> None:
         help="weight of the heatmap over the image, 0 to 1 (default: 0.5)",
     )
     predict.add_argument(
-        "--vmin", type=float, metavar="V", help="map value drawn blue (default: see above)"
+        "--vmin", type=_finite_float, metavar="V", help="map value drawn blue (default: see above)"
     )
     predict.add_argument(
-        "--vmax", type=float, metavar="V", help="map value drawn red (default: see above)"
+        "--vmax", type=_finite_float, metavar="V", help="map value drawn red (default: see above)"
     )
     predict.add_argument(
         "--num-workers",
@@ -940,6 +1211,46 @@ def _add_evaluate(commands: Any) -> None:
     evaluate.set_defaults(handler=_evaluate)
 
 
+def _add_calibrate(commands: Any) -> None:
+    calibrate = _subparser(
+        commands,
+        "calibrate",
+        "choose the image and pixel thresholds and store them in the model file",
+        _CALIBRATE_DESCRIPTION,
+        _CALIBRATE_EPILOG,
+    )
+    calibrate.add_argument("model", metavar="MODEL", help="model file written by 'cncad fit'")
+    calibrate.add_argument(
+        "data", metavar="DATA", help="MVTec-style dataset whose test/ split calibrates"
+    )
+    calibrate.add_argument(
+        "--target-fpr",
+        type=_open_fraction,
+        default=0.01,
+        metavar="F",
+        help="false-alarm rate allowed on normal images, above 0 and below 1 (default: 0.01)",
+    )
+    calibrate.add_argument(
+        "--per-category",
+        action="store_true",
+        help="also calibrate every category on its own images (predict --category NAME)",
+    )
+    calibrate.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write the calibrated model here instead of replacing MODEL (atomically)",
+    )
+    calibrate.add_argument(
+        "--eval-size",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="side of the grid on which maps and masks are compared (default: 256)",
+    )
+    _add_runtime_options(calibrate)
+    calibrate.set_defaults(handler=_calibrate)
+
+
 def _add_demo(commands: Any) -> None:
     demo = _subparser(
         commands,
@@ -949,13 +1260,23 @@ def _add_demo(commands: Any) -> None:
         _DEMO_EPILOG,
     )
     demo.add_argument("--out", default="cncad_demo_output", help="output folder")
-    demo.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
-    demo.add_argument("--image-size", type=int, default=112, help="model input side (x14)")
-    demo.add_argument("--data-size", type=int, default=128, help="generated image side")
-    demo.add_argument("--train-images", type=int, default=32, help="normal images per class")
-    demo.add_argument("--sigma", type=float, default=2.0, help="map smoothing, pixels")
-    demo.add_argument("--heatmaps", type=int, default=4, help="defective images to draw")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--epochs", type=_positive_int, default=15, help="training epochs (default 15)"
+    )
+    demo.add_argument(
+        "--image-size", type=_positive_int, default=112, help="model input side (x14)"
+    )
+    demo.add_argument("--data-size", type=_positive_int, default=128, help="generated image side")
+    demo.add_argument(
+        "--train-images", type=_positive_int, default=32, help="normal images per class"
+    )
+    demo.add_argument(
+        "--sigma", type=_non_negative_float, default=2.0, help="map smoothing, pixels"
+    )
+    demo.add_argument(
+        "--heatmaps", type=_non_negative_int, default=4, help="defective images to draw"
+    )
+    demo.add_argument("--seed", type=_non_negative_int, default=0)
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_demo)
@@ -977,6 +1298,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(commands)
     _add_predict(commands)
     _add_evaluate(commands)
+    _add_calibrate(commands)
+    _add_export(commands)
     _add_demo(commands)
     return parser
 
@@ -1002,8 +1325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        The process exit status: 0 on success, 1 when the command failed (one line on
-        stderr), 2 for a malformed command line, 130 when interrupted.
+        The process exit status: 0 on success; 1 when the command failed on its inputs
+        (one line on stderr); 2 for a malformed command line; 3 when ``predict`` scored
+        the readable images but could not read others (each listed on stderr); 70 for an
+        unexpected failure, a bug in cncad (``--debug`` shows its traceback); 130 when
+        interrupted.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -1013,10 +1339,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except KeyboardInterrupt:
         message, status = "interrupted", 130
-    except _USER_ERRORS as error:
+    except Exception as error:
         if args.debug:
             raise
-        message, status = f"error: {_one_line(error)}", 1
+        if _is_user_error(error):
+            message, status = f"error: {_one_line(error)}", 1
+        else:
+            message, status = (
+                f"internal error, a bug in cncad: {type(error).__name__}: {_one_line(error)}\n"
+                "rerun with --debug for the traceback, and please report it",
+                _INTERNAL_ERROR,
+            )
     # Progress bars left open by the failed call close, and end their line, when its
     # frames are freed: at the end of the except block, or here for frames caught in
     # reference cycles. The message then gets a line of its own.

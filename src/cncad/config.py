@@ -8,8 +8,14 @@ explained in ``docs/design.md``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
+import numbers
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn, get_args
 
 __all__ = ["CNCConfig"]
 
@@ -114,6 +120,22 @@ class CNCConfig:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         seed: Seed of the weight initialisation, data order, noise and dropout.
         bf16: bfloat16 autocast for the forward passes on CUDA.
+
+    Every value is checked when the config is made (by the constructor,
+    [`replace`][cncad.config.CNCConfig.replace] or
+    [`from_dict`][cncad.config.CNCConfig.from_dict]): ints where ints are expected (not
+    ``56.0``, not ``True``), finite numbers where floats are expected (an int is accepted
+    and stored as a float), bools for the switches, one of the listed strings for the
+    choices, and each within its range. ``seed`` is an int in ``[0, 2**63)``, which every
+    random generator cncad seeds accepts. ``os.PathLike`` values of ``backbone``,
+    ``pretrained`` and ``weights`` are stored as str.
+
+    Raises:
+        TypeError: A value has the wrong type; one line
+            ``CNCConfig.<field> must be <expected>, got <value>``.
+        ValueError: A value is out of range, or contradicts another (``top_k`` above
+            ``num_experts``, ``decoder_heads`` not dividing ``decoder_width``, CNC with a
+            backbone without a text tower); one line of the same form.
     """
 
     backbone: str = "ViT-L-14-336-quickgelu"
@@ -164,75 +186,45 @@ class CNCConfig:
     bf16: bool = False
 
     def __post_init__(self) -> None:
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-        _check(self.image_size > 0, "image_size must be positive")
+        for name, rule in _RULES.items():
+            object.__setattr__(self, name, rule(name, getattr(self, name)))
         if self.backbone.startswith(TIMM_PREFIX):
-            _check(
-                not self.use_cnc,
-                f"backbone {self.backbone!r} has no text tower, which CNC (use_cnc=True) "
-                "needs for its prompts; set use_cnc=False for the visual-only model "
-                "(fusion + MoE + decoder, Table 2 row vi) or use a CLIP backbone",
-            )
+            if self.use_cnc:
+                _fail(
+                    "use_cnc",
+                    f"False with backbone {self.backbone!r} (it has no text tower, which CNC "
+                    "needs for its prompts; use_cnc=False gives the visual-only model of "
+                    "Table 2 row vi: fusion + MoE + decoder), or the backbone a CLIP model",
+                    self.use_cnc,
+                )
             if self.pretrained == "openai":
                 object.__setattr__(self, "pretrained", None)
-        if isinstance(self.feature_grid, str):
-            _check(
-                self.feature_grid in _GRID_NAMES,
-                f"feature_grid: 'coarsest', 'finest' or a side length, got {self.feature_grid!r}",
+        if self.top_k > self.num_experts:
+            _fail("top_k", f"an int in [1, num_experts={self.num_experts}]", self.top_k)
+        if (
+            self.decoder_width is not None
+            and self.decoder_heads is not None
+            and self.decoder_width % self.decoder_heads
+        ):
+            _fail(
+                "decoder_heads",
+                f"a divisor of decoder_width={self.decoder_width}",
+                self.decoder_heads,
             )
-        else:
-            _check(
-                isinstance(self.feature_grid, int) and self.feature_grid >= 1,
-                "feature_grid must be a positive side length",
-            )
-        _check(self.compare_grid in ("common", "native"), "compare_grid: 'common' or 'native'")
-        _check(
-            self.decoder_width is None or self.decoder_width >= 1,
-            "decoder_width must be positive",
-        )
-        _check(
-            self.decoder_heads is None or self.decoder_heads >= 1,
-            "decoder_heads must be positive",
-        )
-        _check(self.num_taps >= 1, "num_taps must be at least 1")
-        if self.layers is not None:
-            _check(len(self.layers) >= 1, "layers must name at least one block")
-            _check(min(self.layers) >= 1, "layers are 1-based block indices")
-            _check(
-                list(self.layers) == sorted(set(self.layers)),
-                f"layers must be strictly increasing (shallow to deep), got {self.layers}",
-            )
-        _check(self.prompt_length >= 1, "prompt_length must be at least 1")
-        _check(self.promotion_norm in ("token", "map"), "promotion_norm: 'token' or 'map'")
-        _check(
-            self.promotion_mode in ("broadcast", "direction"),
-            "promotion_mode: 'broadcast' or 'direction'",
-        )
-        _check(self.noise_std >= 0, "noise_std must be >= 0")
-        _check(0 <= self.fusion_dropout < 1, "fusion_dropout must be in [0, 1)")
-        _check(self.num_experts >= 1, "num_experts must be at least 1")
-        _check(
-            1 <= self.top_k <= self.num_experts,
-            f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}",
-        )
-        _check(self.expert_mlp_ratio > 0, "expert_mlp_ratio must be positive")
-        _check(self.tau > 0, "tau must be positive")
-        _check(self.theta >= 0, "theta must be >= 0")
-        _check(self.gamma_ramp_epochs >= 0, "gamma_ramp_epochs must be >= 0")
-        _check(
-            self.grad_clip_norm is None or self.grad_clip_norm > 0,
-            f"grad_clip_norm must be positive or None, got {self.grad_clip_norm}",
-        )
-        _check(self.lr > 0, "lr must be positive")
-        _check(self.batch_size >= 1, "batch_size must be at least 1")
-        _check(self.epochs >= 0, "epochs must be >= 0")
-        _check(self.sigma >= 0, "sigma must be >= 0")
-        _check(self.image_score in ("max", "topk_mean"), "image_score: 'max' or 'topk_mean'")
-        _check(self.topk > 0, "topk must be positive")
 
     def replace(self, **changes: Any) -> CNCConfig:
-        """Return a copy with ``changes`` applied (validated like the constructor)."""
+        """Return a copy with ``changes`` applied (validated like the constructor).
+
+        Args:
+            **changes: New values of fields.
+
+        Returns:
+            The new config; ``self`` is unchanged.
+
+        Raises:
+            TypeError: A name is not a field, or a value has the wrong type.
+            ValueError: A value is out of range.
+        """
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise TypeError(f"unknown CNCConfig field(s): {', '.join(sorted(unknown))}")
@@ -250,15 +242,255 @@ class CNCConfig:
     def from_dict(cls, data: dict[str, Any]) -> CNCConfig:
         """Build a config from [`to_dict`][cncad.config.CNCConfig.to_dict] output.
 
-        Unknown keys are an error.
+        Missing keys take their defaults; every value is validated as by the constructor
+        (a saved int where a float is expected is accepted).
+
+        Args:
+            data: ``{field name: value}``.
+
+        Returns:
+            The config.
+
+        Raises:
+            TypeError: ``data`` is not a mapping, or a value has the wrong type.
+            ValueError: A key is not a field, or a value is out of range.
         """
+        if not isinstance(data, Mapping):
+            raise TypeError(
+                f"CNCConfig.from_dict needs a dict of field values, got {type(data).__name__}"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"unknown CNCConfig field(s): {', '.join(sorted(unknown))}")
+            listed = ", ".join(sorted(str(key) for key in unknown))
+            raise ValueError(f"unknown CNCConfig field(s): {listed}")
         return cls(**data)
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(f"CNCConfig: {message}")
+# --------------------------------------------------------------------------------------
+# Validation: one rule per field. A rule gets the field's name and value, raises TypeError
+# (wrong type) or ValueError (right type, value out of range) with one line
+# "CNCConfig.<name> must be <expected>, got <repr>", and returns the value normalised
+# (ints for integral fields, floats for real ones, tuples for sequences, str for paths).
+# --------------------------------------------------------------------------------------
+
+_Rule = Callable[[str, Any], Any]
+
+_SEED_LIMIT = 2**63
+"""Seeds are ints in ``[0, 2**63)``: they fit a signed 64-bit integer, which
+``torch.manual_seed``, ``torch.Generator.manual_seed`` and NumPy's ``SeedSequence`` all
+accept."""
+
+
+def _fail(name: str, expected: str, value: Any, error: type[Exception] = ValueError) -> NoReturn:
+    raise error(f"CNCConfig.{name} must be {expected}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _bounds_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return ""
+
+
+def _in_bounds(
+    value: float, low: float | None, high: float | None, low_open: bool, high_open: bool
+) -> bool:
+    if low is not None and (value <= low if low_open else value < low):
+        return False
+    return high is None or (value < high if high_open else value <= high)
+
+
+def _int(low: int | None = None, high: int | None = None, high_text: str | None = None) -> _Rule:
+    """An int (numpy ints too, never a bool or a float) in ``[low, high)``."""
+    bounds = high_text or _bounds_text(low, high, False, True)
+    expected = f"an int {bounds}".rstrip()
+
+    def rule(name: str, value: Any) -> int:
+        if not _is_int(value):
+            _fail(name, expected, value, TypeError)
+        if not _in_bounds(value, low, high, False, True):
+            _fail(name, expected, value)
+        return int(value)
+
+    return rule
+
+
+def _real(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> _Rule:
+    """A finite number (an int is accepted where a float is expected) within the bounds."""
+    expected = f"a finite number {_bounds_text(low, high, low_open, high_open)}".rstrip()
+
+    def rule(name: str, value: Any) -> float:
+        if not _is_real(value):
+            _fail(name, expected, value, TypeError)
+        if not math.isfinite(value) or not _in_bounds(value, low, high, low_open, high_open):
+            _fail(name, expected, value)
+        return float(value)
+
+    return rule
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        _fail(name, "a bool (True or False)", value, TypeError)
+    return value
+
+
+def _text(*, path: bool = False, allow_empty: bool = False) -> _Rule:
+    """A str (or, for ``path``, an ``os.PathLike``, stored as str); non-empty unless allowed."""
+    expected = "a non-empty str" if not allow_empty else "a str"
+    if path:
+        expected += " or path"
+
+    def rule(name: str, value: Any) -> str:
+        if path and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            _fail(name, expected, value, TypeError)
+        if not allow_empty and not value.strip():
+            _fail(name, expected, value)
+        return value
+
+    return rule
+
+
+def _choice(*allowed: str) -> _Rule:
+    expected = "one of " + ", ".join(repr(choice) for choice in allowed)
+
+    def rule(name: str, value: Any) -> str:
+        if not isinstance(value, str):
+            _fail(name, expected, value, TypeError)
+        if value not in allowed:
+            _fail(name, expected, value)
+        return value
+
+    return rule
+
+
+def _optional(rule: _Rule) -> _Rule:
+    """``rule``, or ``None``; the message says that ``None`` is allowed too."""
+
+    def optional(name: str, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return rule(name, value)
+        except (TypeError, ValueError) as error:
+            raise type(error)(str(error).replace(", got ", " or None, got ", 1)) from None
+
+    return optional
+
+
+def _layers(name: str, value: Any) -> tuple[int, ...] | None:
+    expected = "None or a non-empty, strictly increasing sequence of ints >= 1 (1-based)"
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        _fail(name, expected, value, TypeError)
+    if not all(_is_int(i) for i in value):
+        _fail(name, expected, value, TypeError)
+    layers = tuple(int(i) for i in value)
+    if not layers or layers[0] < 1 or any(a >= b for a, b in itertools.pairwise(layers)):
+        _fail(name, expected, value)
+    return layers
+
+
+def _feature_grid(name: str, value: Any) -> str | int:
+    expected = f"{', '.join(repr(g) for g in _GRID_NAMES)} or a side length (an int >= 1)"
+    if isinstance(value, str):
+        if value not in _GRID_NAMES:
+            _fail(name, expected, value)
+        return value
+    if not _is_int(value):
+        _fail(name, expected, value, TypeError)
+    if value < 1:
+        _fail(name, expected, value)
+    return int(value)
+
+
+def _topk(name: str, value: Any) -> float:
+    expected = "a fraction in (0, 1) or a whole pixel count >= 1 (finite)"
+    if not _is_real(value):
+        _fail(name, expected, value, TypeError)
+    if not math.isfinite(value) or value <= 0 or (value >= 1 and value != int(value)):
+        _fail(name, expected, value)
+    return float(value)
+
+
+_DEVICE = re.compile(r"[a-z][a-z0-9_]*(:[0-9]+)?")
+
+
+def _device(name: str, value: Any) -> str:
+    expected = "'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1'"
+    if not isinstance(value, str):
+        _fail(name, expected, value, TypeError)
+    if not _DEVICE.fullmatch(value):
+        _fail(name, expected, value)
+    return value
+
+
+_RULES: dict[str, _Rule] = {
+    "backbone": _text(path=True),
+    "pretrained": _optional(_text(path=True)),
+    "image_size": _int(1),
+    "layers": _layers,
+    "num_taps": _int(1),
+    "weights": _optional(_text(path=True)),
+    "weights_remap": _optional(_text()),
+    "feature_grid": _feature_grid,
+    "compare_grid": _choice(*get_args(CompareGrid)),
+    "prompt_length": _int(1),
+    "normal_prompt": _text(allow_empty=True),
+    "abnormal_prompt": _text(allow_empty=True),
+    "promotion_norm": _choice(*get_args(PromotionNorm)),
+    "promotion_mode": _choice(*get_args(PromotionMode)),
+    "promotion_cosine": _bool,
+    "noise_std": _real(0),
+    "fusion_dropout": _real(0, 1, high_open=True),
+    "num_experts": _int(1),
+    "top_k": _int(1),
+    "expert_mlp_ratio": _real(0, low_open=True),
+    "renormalize_gates": _bool,
+    "decoder_mlp_ratio": _real(0, low_open=True),
+    "decoder_width": _optional(_int(1)),
+    "decoder_heads": _optional(_int(1)),
+    "tau": _real(0, low_open=True),
+    "gamma": _real(0),
+    "theta": _int(0),
+    "gamma_ramp_epochs": _int(0),
+    "detach_text_anchors": _bool,
+    "moe_loss_weight": _real(0),
+    "moe_loss_eps": _real(0),
+    "use_mlf": _bool,
+    "use_cnc": _bool,
+    "use_moe": _bool,
+    "lr": _real(0, low_open=True),
+    "weight_decay": _real(0),
+    "grad_clip_norm": _optional(_real(0, low_open=True)),
+    "batch_size": _int(1),
+    "epochs": _int(0),
+    "num_workers": _int(0),
+    "sigma": _real(0),
+    "image_score": _choice(*get_args(ImageScoreMode)),
+    "topk": _topk,
+    "device": _device,
+    "seed": _int(0, _SEED_LIMIT, high_text="in [0, 2**63)"),
+    "bf16": _bool,
+}

@@ -23,6 +23,23 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from cncad._inference import (
+    Decision,
+    Thresholds,
+    check_count,
+    check_optional_finite,
+    join_batches,
+    scored_batch,
+    scored_stream,
+    stream_length,
+)
+from cncad.calibration import (
+    Calibration,
+    CalibrationError,
+    PixelHistogram,
+    calibrate_arrays,
+    check_target_fpr,
+)
 from cncad.checkpoint import (
     CHECKPOINT_NAME,
     DetectorFile,
@@ -31,13 +48,13 @@ from cncad.checkpoint import (
     write_detector_file,
 )
 from cncad.config import CNCConfig
-from cncad.data import AnomalyFolder, resize_mask
+from cncad.data import check_model_batch, open_dataset, resize_mask
 from cncad.data.sampling import dataset_size
 from cncad.data.stream import DecodedImage, DecodeFailure, OnError, decode_stream
 from cncad.distributed import is_main_process, local_device
-from cncad.errors import ModelFileError, TrainingBusyError
+from cncad.errors import ModelFileError, NotTrainedError, TrainingBusyError
 from cncad.evaluation import AnomalyEvaluator
-from cncad.files import check_output_dir
+from cncad.files import check_output_dir, check_output_file
 from cncad.model import CNCModel
 from cncad.training import Trainer, TrainingState, autocast_for, model_input
 
@@ -58,12 +75,19 @@ class Prediction(NamedTuple):
         pred_mask: Like ``anomaly_map``, bool, ``anomaly_map >= detector.pixel_threshold``
             (which defaults to ``threshold``: with ``image_score="max"`` the two live on
             the same scale); None until a threshold is set.
+        norm_score: ``(B,)`` image scores mapped to ``[0, 1]`` with 0.5 at the calibrated
+            threshold ([`ScoreNormalization`][cncad.calibration.ScoreNormalization]); None
+            until the detector is [calibrated][cncad.detector.CNCDetector.calibrate].
+        norm_map: Like ``anomaly_map``, the maps mapped the same way with the pixel
+            normalisation; None until calibrated.
     """
 
     pred_score: Tensor
     anomaly_map: Tensor | list[Tensor]
     pred_label: Tensor | None
     pred_mask: Tensor | list[Tensor] | None
+    norm_score: Tensor | None = None
+    norm_map: Tensor | list[Tensor] | None = None
 
 
 class PredictionBatch(NamedTuple):
@@ -80,6 +104,8 @@ class PredictionBatch(NamedTuple):
         images: With ``keep_images=True``, each ``(3, H_i, W_i)`` image in ``[0, 1]``.
         failures: Inputs of this stretch of the stream that could not be read (with
             ``on_error="skip"``), in input order.
+        norm_score: ``(b,)`` normalised image scores once calibrated, else None.
+        norm_map: ``b`` normalised maps once calibrated, else None.
     """
 
     indices: list[int]
@@ -90,12 +116,14 @@ class PredictionBatch(NamedTuple):
     pred_mask: list[Tensor] | None
     images: list[Tensor] | None
     failures: list[DecodeFailure]
+    norm_score: Tensor | None = None
+    norm_map: list[Tensor] | None = None
 
 
-class CNCDetector:
+class CNCDetector(Thresholds):
     """Train and run a CNC anomaly detector in a few lines.
 
-    Example:
+    Examples:
         >>> detector = CNCDetector(backbone="tiny", image_size=112, epochs=2)  # doctest: +SKIP
         >>> detector.fit("path/to/mvtec_root", checkpoint_dir="runs/a")  # doctest: +SKIP
         >>> result = detector.predict("part.png")  # doctest: +SKIP
@@ -114,6 +142,9 @@ class CNCDetector:
             models need no object: ``backbone="ViT-B-16"``, ``backbone="timm/<name>"``.
         tokenizer: The tokenizer of a CLIP ``encoder`` (default: the CLIP BPE tokenizer).
         clip_model: Deprecated spelling of ``encoder``; still accepted.
+        allow_untrained: Let ``predict``, ``evaluate`` and ``save`` run before any ``fit``,
+            with the random initial weights (for smoke tests and speed measurements);
+            by default they raise [`NotTrainedError`][cncad.errors.NotTrainedError].
         **overrides: Fields of [`CNCConfig`][cncad.config.CNCConfig] to change, e.g. ``epochs=10``.
 
     Attributes:
@@ -121,6 +152,9 @@ class CNCDetector:
         threshold: Image score from which [`predict`][cncad.detector.CNCDetector.predict] labels an
             image anomalous, or None.
         pixel_threshold: Map value from which a pixel is anomalous (default: ``threshold``).
+        calibration: What [`calibrate`][cncad.detector.CNCDetector.calibrate] chose (the
+            thresholds, the score normalisation, per-category ones), saved with the
+            detector; None until calibrated.
         cache_stats: After a [`fit`][cncad.detector.CNCDetector.fit] with the feature cache:
             ``images``, ``bytes_per_image``, ``in_memory`` and ``build_seconds``; else None.
         normal_statistics: Quantiles of the anomaly-map values and image scores of the
@@ -132,6 +166,8 @@ class CNCDetector:
     Raises:
         ValueError: ``use_cnc=True`` with an encoder that has no text tower,
             ``backbone="custom"`` without the object, or both ``encoder`` and ``clip_model``.
+        TypeError: ``config`` is not a [`CNCConfig`][cncad.config.CNCConfig], or a field
+            has the wrong type.
     """
 
     def __init__(
@@ -141,8 +177,13 @@ class CNCDetector:
         encoder: nn.Module | None = None,
         tokenizer: Any = None,
         clip_model: nn.Module | None = None,
+        allow_untrained: bool = False,
         **overrides: Any,
     ) -> None:
+        if config is not None and not isinstance(config, CNCConfig):
+            raise TypeError(f"config must be a CNCConfig or None, got {type(config).__name__}")
+        if not isinstance(allow_untrained, bool):
+            raise TypeError(f"allow_untrained must be True or False, got {allow_untrained!r}")
         config = config or CNCConfig()
         if overrides:
             config = config.replace(**overrides)
@@ -158,12 +199,31 @@ class CNCDetector:
             torch.manual_seed(config.seed)
             self.model = CNCModel(config, clip_model=clip, tokenizer=tokenizer, encoder=frozen)
         self.model.to(self.device).eval()
-        self.threshold: float | None = None
-        self.pixel_threshold: float | None = None
+        self.threshold = None
+        self.pixel_threshold = None
+        self.calibration: Calibration | None = None
+        self.allow_untrained = allow_untrained
+        self._loaded = False
         self.cache_stats: dict[str, Any] | None = None
         self.normal_statistics: dict[str, float] | None = None
         self._trainer = Trainer(self.model, self.device)
         self._activity = _Activity()
+
+    _CALIBRATE_HINT = "call calibrate(data, per_category=True) first"
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether the detector has trained weights: it has run ``fit`` or was loaded."""
+        return self.epochs_trained > 0 or self._loaded
+
+    def _require_trained(self, what: str) -> None:
+        # During a fit in another thread the activity guard reports the conflict instead.
+        if not self.is_trained and not self.allow_untrained and not self._activity.fitting_now:
+            raise NotTrainedError(
+                f"{what} needs a trained detector, and this one has not been trained: call "
+                "fit(data) or CNCDetector.load(path) first (or build it with "
+                "allow_untrained=True to run the untrained weights, e.g. for a smoke test)"
+            )
 
     @property
     def epochs_trained(self) -> int:
@@ -228,9 +288,13 @@ class CNCDetector:
         Args:
             data: A DataLoader or Dataset of preprocessed images (items/batches as produced
                 by [`AnomalyFolder`][cncad.data.folder.AnomalyFolder]: dicts with ``"image"`` and
-                optionally ``"label"``; ``(image, label, ...)`` tuples; or image tensors), or an
-                MVTec layout folder: one category root or a root of several categories, all
-                trained together. Only normal images (label 0) are used.
+                optionally ``"label"``; ``(image, label, ...)`` tuples; or image tensors;
+                checked batch by batch by
+                [`check_model_batch`][cncad.data.transforms.check_model_batch]), or a folder
+                read by [`open_dataset`][cncad.data.folder.open_dataset], as ``cncad fit``
+                reads it: an MVTec layout tree (one category root or a root of several
+                categories, all trained together) or a plain folder of normal images. Only
+                normal images (label 0) are used.
             epochs: Epochs to run now. Default: the rest of ``config.epochs``
                 (``config.epochs - epochs_trained``), which finishes a resumed run. The epoch
                 count (eq. 11's schedule, seeds, data order) carries on over calls.
@@ -256,8 +320,13 @@ class CNCDetector:
             TrainingBusyError: The detector is in use by another thread.
         """
         cfg = self.config
-        epochs = _count(epochs, "epochs", 0) if epochs is not None else None
-        checkpoint_every = _count(checkpoint_every, "checkpoint_every", 1)
+        epochs = check_count(epochs, "epochs", 0) if epochs is not None else None
+        checkpoint_every = check_count(checkpoint_every, "checkpoint_every", 1)
+        if not isinstance(cache, bool):
+            raise TypeError(f"cache must be True or False, got {cache!r}")
+        memory = check_optional_finite(cache_memory_gib, "cache_memory_gib")
+        if memory is None or memory < 0:
+            raise ValueError(f"cache_memory_gib must be a number >= 0, got {cache_memory_gib!r}")
         if epochs is None:
             epochs = max(cfg.epochs - self.epochs_trained, 0)
             if epochs == 0 and self.epochs_trained > 0:
@@ -271,7 +340,7 @@ class CNCDetector:
             folder = check_output_dir(checkpoint_dir, what="checkpoint_dir")
             checkpoint = folder / CHECKPOINT_NAME
         if isinstance(data, (str, os.PathLike)):
-            data = AnomalyFolder(data, split="train", image_size=cfg.image_size)
+            data = open_dataset(data, "train", image_size=cfg.image_size)
         if not isinstance(data, (DataLoader, Dataset)):
             raise TypeError(
                 f"fit expects a DataLoader, a Dataset or a folder path, got {type(data).__name__}"
@@ -301,7 +370,9 @@ class CNCDetector:
         return self
 
     # ------------------------------------------------------------------ inference
-    def predict(self, images: Any, batch_size: int | None = None) -> Prediction:
+    def predict(
+        self, images: Any, batch_size: int | None = None, *, category: str | None = None
+    ) -> Prediction:
         """Score images and localise anomalies, all at once.
 
         The convenient call for a few images: it returns every map together, so its memory
@@ -316,6 +387,9 @@ class CNCDetector:
                 of images, or a list of these. Raw images, not normalised: resizing and
                 CLIP normalisation happen here.
             batch_size: Images per forward pass (default ``config.batch_size``).
+            category: Apply this category's thresholds and normalisation (a detector
+                calibrated with ``per_category=True``); None: the detector's ``threshold``,
+                ``pixel_threshold`` and global calibration.
 
         Returns:
             [`Prediction`][cncad.detector.Prediction] on the CPU. Maps are computed at the model
@@ -323,22 +397,14 @@ class CNCDetector:
             input's own size; the image score is taken before that resize.
 
         Raises:
-            ValueError: No images.
+            ValueError: No images, or ``category`` on a detector that is not calibrated.
+            CalibrationError: (a ``ValueError``) ``category`` is not one of the calibrated
+                categories (the message lists them).
+            NotTrainedError: The detector has not been trained (see ``allow_untrained``).
             TrainingBusyError: ``fit`` is running on this detector in another thread.
         """
-        batches = list(self.predict_iter(images, batch_size, progress=False))
-        maps = [amap for batch in batches for amap in batch.anomaly_map]
-        if not maps:
-            raise ValueError("predict got no images")
-        pred_score = torch.cat([batch.pred_score for batch in batches])
-        same_size = len({m.shape for m in maps}) == 1
-        anomaly_map: Tensor | list[Tensor] = torch.stack(maps) if same_size else maps
-        pred_label = pred_score >= self.threshold if self.threshold is not None else None
-        pred_mask = None
-        if batches[0].pred_mask is not None:
-            masks = [mask for batch in batches for mask in batch.pred_mask]
-            pred_mask = torch.stack(masks) if same_size else masks
-        return Prediction(pred_score, anomaly_map, pred_label, pred_mask)
+        batches = list(self.predict_iter(images, batch_size, progress=False, category=category))
+        return join_batches(Prediction, batches, torch.cat, torch.stack)
 
     def predict_iter(
         self,
@@ -349,6 +415,7 @@ class CNCDetector:
         progress: bool = True,
         keep_images: bool = False,
         on_error: OnError = "raise",
+        category: str | None = None,
     ) -> Iterator[PredictionBatch]:
         """Score a stream of images batch by batch, with bounded memory.
 
@@ -358,7 +425,7 @@ class CNCDetector:
         batches: peak memory depends on the batch size and the image size, not on the
         number of images. Results come in input order.
 
-        Example:
+        Examples:
             >>> for batch in detector.predict_iter("shift_42/", num_workers=2):  # doctest: +SKIP
             ...     for path, score in zip(batch.paths, batch.pred_score):
             ...         print(path, float(score))
@@ -373,17 +440,22 @@ class CNCDetector:
                 overlays without reading the file twice).
             on_error: ``"raise"`` (default): an input that cannot be read raises; ``"skip"``:
                 it is reported in the batch's ``failures`` and the stream goes on.
+            category: Apply this category's calibration, as in
+                [`predict`][cncad.detector.CNCDetector.predict].
 
         Yields:
             [`PredictionBatch`][cncad.detector.PredictionBatch] on the CPU; the last may be
             smaller. A batch may hold only failures.
 
         Raises:
+            NotTrainedError: The detector has not been trained (see ``allow_untrained``).
             TrainingBusyError: ``fit`` is running on this detector in another thread.
         """
+        self._require_trained("predict")
         batch_size = self.config.batch_size if batch_size is None else batch_size
-        batch_size = _count(batch_size, "batch_size", 1)
-        num_workers = _count(num_workers, "num_workers", 0)
+        batch_size = check_count(batch_size, "batch_size", 1)
+        num_workers = check_count(num_workers, "num_workers", 0)
+        decision = self._decision(category)
         stream = decode_stream(
             images,
             self.config.image_size,
@@ -392,29 +464,20 @@ class CNCDetector:
             keep_images=keep_images,
             on_error=on_error,
         )
-        total = len(images) if isinstance(images, (list, tuple)) else None
-        with (
-            self._activity.reading("predict"),
-            tqdm(total=total, desc="predict", unit="img", disable=not progress) as bar,
-        ):
+
+        def score(decoded: list[DecodedImage], failures: list[DecodeFailure]) -> PredictionBatch:
+            return self._score(decoded, failures, decision)
+
+        with self._activity.reading("predict"):
             self.model.eval()
-            decoded: list[DecodedImage] = []
-            failures: list[DecodeFailure] = []
-            for item in stream:
-                if isinstance(item, DecodeFailure):
-                    failures.append(item)
-                else:
-                    decoded.append(item)
-                if len(decoded) == batch_size:
-                    bar.update(len(decoded) + len(failures))
-                    yield self._score(decoded, failures)
-                    decoded, failures = [], []
-            if decoded or failures:
-                bar.update(len(decoded) + len(failures))
-                yield self._score(decoded, failures)
+            yield from scored_stream(
+                stream, batch_size, score, total=stream_length(images), progress=progress
+            )
 
     @torch.no_grad()
-    def _score(self, decoded: list[DecodedImage], failures: list[DecodeFailure]) -> PredictionBatch:
+    def _score(
+        self, decoded: list[DecodedImage], failures: list[DecodeFailure], decision: Decision
+    ) -> PredictionBatch:
         maps: list[Tensor] = []
         pred_score = torch.zeros(0)
         if decoded:
@@ -430,23 +493,7 @@ class CNCDetector:
                 _resize_map(amap, item.size)
                 for amap, item in zip(model_maps.float().cpu(), decoded, strict=True)
             ]
-        pred_label = pred_score >= self.threshold if self.threshold is not None else None
-        pixel_threshold = (
-            self.pixel_threshold if self.pixel_threshold is not None else self.threshold
-        )
-        pred_mask = None if pixel_threshold is None else [m >= pixel_threshold for m in maps]
-        return PredictionBatch(
-            indices=[item.index for item in decoded],
-            paths=[item.source for item in decoded],
-            pred_score=pred_score,
-            anomaly_map=maps,
-            pred_label=pred_label,
-            pred_mask=pred_mask,
-            images=[item.image for item in decoded]
-            if decoded and decoded[0].image is not None
-            else None,
-            failures=failures,
-        )
+        return scored_batch(PredictionBatch, decoded, failures, pred_score, maps, decision)
 
     @torch.no_grad()
     def evaluate(
@@ -458,9 +505,12 @@ class CNCDetector:
         """Compute the seven metrics per category and their mean over categories.
 
         Args:
-            data: An MVTec-layout test folder (one category or several), or a Dataset /
-                DataLoader whose items are dicts with ``"image"`` (preprocessed),
-                ``"label"``, ``"mask"`` and optionally ``"category"``.
+            data: An MVTec-layout test folder (one category or several, read by
+                [`open_dataset`][cncad.data.folder.open_dataset]; defective images without
+                a mask give their category image metrics only), or a Dataset / DataLoader
+                whose items are dicts with ``"image"`` (preprocessed, see
+                [`check_model_batch`][cncad.data.transforms.check_model_batch]),
+                ``"label"``, ``"mask"`` and optionally ``"has_mask"`` and ``"category"``.
             eval_size: Side of the square grid on which maps and masks are compared
                 (256 is the common protocol); memory does not grow with image size.
             progress: Show a progress bar over images.
@@ -470,38 +520,189 @@ class CNCDetector:
             (see [`AnomalyEvaluator`][cncad.evaluation.AnomalyEvaluator]).
 
         Raises:
+            NotTrainedError: The detector has not been trained (see ``allow_untrained``).
             TrainingBusyError: ``fit`` is running on this detector in another thread.
         """
-        cfg = self.config
-        if isinstance(data, (str, os.PathLike)):
-            data = AnomalyFolder(data, split="test", image_size=cfg.image_size, mask_size=eval_size)
-        if isinstance(data, Dataset):
-            data = DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-        if not isinstance(data, DataLoader):
-            raise TypeError(f"evaluate expects a DataLoader, Dataset or folder, got {type(data)}")
+        eval_size = check_count(eval_size, "eval_size", 1)
+        self._require_trained("evaluate")
+        loader = self._test_loader(data, eval_size, "evaluate")
         evaluator = AnomalyEvaluator()
         with self._activity.reading("evaluate"):
-            self.model.eval()
-            bar = tqdm(desc="evaluate", unit="img", disable=not progress, total=dataset_size(data))
-            for batch in data:
-                if not isinstance(batch, dict) or not {"image", "label", "mask"} <= set(batch):
-                    raise ValueError("evaluation batches must be dicts with image, label and mask")
-                images = model_input(batch["image"], cfg.image_size, self.device)
-                with autocast_for(self.device, cfg.bf16):
-                    maps, scores = self.model.predict(images)
-                maps = F.interpolate(
-                    maps.float().unsqueeze(1), size=(eval_size, eval_size), mode="bilinear"
-                ).squeeze(1)
+            batches = self._scored_batches(
+                loader, eval_size, progress, "evaluate", ("image", "label", "mask")
+            )
+            for batch, scores, maps in batches:
                 masks = batch["mask"]
                 masks = masks.squeeze(1) if masks.ndim == 4 else masks
                 masks = resize_mask(masks > 0, eval_size)
-                categories = batch.get("category", ["all"] * len(images))
+                categories = batch.get("category", ["all"] * len(scores))
                 evaluator.update(
-                    scores.float().cpu(), batch["label"], maps.cpu(), masks, categories
+                    scores, batch["label"], maps, masks, categories, batch.get("has_mask")
                 )
-                bar.update(len(images))
-            bar.close()
         return evaluator.compute()
+
+    def _test_loader(self, data: Any, eval_size: int, what: str) -> DataLoader:
+        """``data`` of ``evaluate``/``calibrate`` as a DataLoader (a folder: its test split)."""
+        cfg = self.config
+        if isinstance(data, (str, os.PathLike)):
+            data = open_dataset(data, "test", image_size=cfg.image_size, mask_size=eval_size)
+        if isinstance(data, Dataset):
+            data = DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+        if not isinstance(data, DataLoader):
+            raise TypeError(f"{what} expects a DataLoader, Dataset or folder, got {type(data)}")
+        return data
+
+    @torch.no_grad()
+    def _scored_batches(
+        self,
+        loader: DataLoader,
+        eval_size: int,
+        progress: bool,
+        what: str,
+        required: tuple[str, ...],
+    ) -> Iterator[tuple[dict[str, Any], Tensor, Tensor]]:
+        """Score test batches: ``(batch, scores (B,), maps (B, eval_size, eval_size))`` on the CPU.
+
+        Shared by ``evaluate`` and ``calibrate``; the caller holds ``_activity.reading``.
+        """
+        cfg = self.config
+        self.model.eval()
+        bar = tqdm(desc=what, unit="img", disable=not progress, total=dataset_size(loader))
+        for batch in loader:
+            if not isinstance(batch, dict) or not set(required) <= set(batch):
+                noun = "evaluation" if what == "evaluate" else what
+                keys = ", ".join(required[:-1]) + " and " + required[-1]
+                raise ValueError(f"{noun} batches must be dicts with {keys}")
+            check_model_batch(batch["image"], f"a batch given to {what}")
+            images = model_input(batch["image"], cfg.image_size, self.device)
+            with autocast_for(self.device, cfg.bf16):
+                maps, scores = self.model.predict(images)
+            maps = F.interpolate(
+                maps.float().unsqueeze(1), size=(eval_size, eval_size), mode="bilinear"
+            ).squeeze(1)
+            yield batch, scores.float().cpu(), maps.cpu()
+            bar.update(len(images))
+        bar.close()
+
+    def calibrate(
+        self,
+        data: DataLoader | Dataset | str | os.PathLike,
+        target_fpr: float = 0.01,
+        *,
+        per_category: bool = False,
+        eval_size: int = 256,
+        progress: bool = True,
+    ) -> Calibration:
+        """Choose the thresholds and the score normalisation from calibration data.
+
+        With normal images only, the image threshold is the smallest observed score at
+        which at most ``target_fpr`` of the normal images score ``>=`` it, and the pixel
+        threshold likewise over the pixels of their maps. With labelled anomalies, the
+        thresholds maximise the F1 score of ``score >= threshold`` over the images
+        (labels) and over the pixels (masks); without any mask pixel on the anomalous
+        images, the pixel threshold falls back to ``target_fpr`` on the normal images'
+        pixels, and anomalous images without a mask never count at pixel level. The
+        exact definitions are in [`cncad.calibration`][cncad.calibration].
+
+        Maps are compared on an ``eval_size`` grid, as in
+        [`evaluate`][cncad.detector.CNCDetector.evaluate]; the pixels are counted in a
+        fixed fine histogram, so memory does not grow with the number of images.
+
+        Sets ``calibration``, ``threshold`` and ``pixel_threshold`` (the global ones, also
+        with ``per_category=True``); [`save`][cncad.detector.CNCDetector.save] keeps them.
+        From then on predictions carry ``norm_score`` and ``norm_map``.
+
+        Args:
+            data: As for ``evaluate``: an MVTec-layout folder (its test split), or a
+                Dataset / DataLoader of dicts with ``"image"`` (preprocessed), ``"label"``,
+                and optionally ``"mask"`` and ``"category"``. Use data the model was not
+                trained on.
+            target_fpr: Allowed false-alarm rate on normal images, in ``(0, 1)``.
+            per_category: Also calibrate each category (the data's ``"category"`` field)
+                on its own images, for ``predict(..., category=name)``.
+            eval_size: Side of the grid on which maps and masks are compared.
+            progress: Show a progress bar over images.
+
+        Returns:
+            The [`Calibration`][cncad.calibration.Calibration]: thresholds, normalisation,
+            method and image counts (per category in ``per_category``).
+
+        Raises:
+            TypeError: ``target_fpr`` is not a number.
+            ValueError: ``target_fpr`` is not in ``(0, 1)``, or a label is not 0 or 1.
+            CalibrationError: (a ``ValueError``) No images, only anomalous images, or,
+                without anomalies, fewer normal images than ``ceil(1 / target_fpr)`` (in
+                any category with ``per_category=True``); one line says how many are
+                needed.
+            NotTrainedError: The detector has not been trained (see ``allow_untrained``).
+            TrainingBusyError: ``fit`` is running on this detector in another thread.
+        """
+        target_fpr = check_target_fpr(target_fpr)
+        if not isinstance(per_category, bool):
+            raise TypeError(f"per_category must be True or False, got {per_category!r}")
+        eval_size = check_count(eval_size, "eval_size", 1)
+        self._require_trained("calibrate")
+        loader = self._test_loader(data, eval_size, "calibrate")
+        scores: dict[str, list[Tensor]] = {}
+        labels: dict[str, list[Tensor]] = {}
+        pixels: dict[str, PixelHistogram] = {}
+        with self._activity.reading("calibrate"):
+            batches = self._scored_batches(
+                loader, eval_size, progress, "calibrate", ("image", "label")
+            )
+            for batch, batch_scores, maps in batches:
+                batch_labels = torch.as_tensor(batch["label"]).reshape(-1).cpu()
+                if batch_labels.numel() != len(batch_scores):
+                    raise ValueError(
+                        f"a calibration batch has {len(batch_scores)} images but "
+                        f"{batch_labels.numel()} labels"
+                    )
+                masks = batch.get("mask")
+                if masks is not None:
+                    masks = masks.squeeze(1) if masks.ndim == 4 else masks
+                    masks = resize_mask(masks > 0, eval_size).cpu().numpy()
+                categories = batch.get("category", ["all"] * len(batch_scores))
+                for index, (name, label) in enumerate(zip(categories, batch_labels, strict=True)):
+                    scores.setdefault(name, []).append(batch_scores[index : index + 1])
+                    labels.setdefault(name, []).append(batch_labels[index : index + 1])
+                    values = maps[index].numpy()
+                    histogram = pixels.setdefault(name, PixelHistogram())
+                    if int(label) == 0:
+                        histogram.add(values, 0)
+                    elif masks is not None and masks[index].any():
+                        histogram.add(values[~masks[index]], 1)
+                        histogram.add(values[masks[index]], 2)
+                    else:
+                        histogram.add(values, 3)
+
+        def arrays(names: list[str]) -> tuple[Any, Any, PixelHistogram]:
+            merged = PixelHistogram()
+            for name in names:
+                merged.merge(pixels[name])
+            return (
+                torch.cat([s for name in names for s in scores[name]]).numpy(),
+                torch.cat([lab for name in names for lab in labels[name]]).numpy(),
+                merged,
+            )
+
+        names = sorted(scores)
+        if not names:
+            raise CalibrationError("the calibration data holds no images")
+        calibration = calibrate_arrays(
+            *arrays(names), target_fpr, eval_size=eval_size, what="the calibration data"
+        )
+        if per_category:
+            children = {
+                name: calibrate_arrays(
+                    *arrays([name]), target_fpr, eval_size=eval_size, what=f"category {name!r}"
+                )
+                for name in names
+            }
+            calibration = dataclasses.replace(calibration, per_category=children)
+        self.calibration = calibration
+        self.threshold = calibration.threshold
+        self.pixel_threshold = calibration.pixel_threshold
+        return calibration
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
@@ -524,15 +725,45 @@ class CNCDetector:
             The path written.
 
         Raises:
+            ValueError: ``path`` is a folder.
             NonFiniteError: A weight is NaN or infinite (nothing is written).
+            NotTrainedError: The detector has not been trained (see ``allow_untrained``).
             TrainingBusyError: ``fit`` is running on this detector in another thread.
         """
+        self._require_trained("save")
         with self._activity.reading("save"):
             # Under torchrun only rank 0 writes. No barrier: the common pattern of calling
             # save on rank 0 alone would then wait forever.
+            target = check_output_file(path, what="save path")
             if is_main_process():
-                self._write(Path(path), kind="detector")
+                self._write(target, kind="detector")
             return Path(path)
+
+    def export(self, path: str | os.PathLike, format: str = "onnx", **options: Any) -> Path:
+        """Export the whole inference path as one ONNX graph, to run without torch.
+
+        See [`cncad.export`][cncad.export] for the graph and its metadata, and
+        [`ONNXDetector`][cncad.deploy.ONNXDetector] to run it (``pip install cncad[deploy]``).
+
+        Args:
+            path: The ``.onnx`` file to write (atomically; checked before any work).
+            format: ``"onnx"`` (OpenVINO's runtime reads the same file).
+            **options: Passed to [`export_onnx`][cncad.export.export_onnx] (``opset``,
+                ``check``).
+
+        Returns:
+            The path written.
+
+        Raises:
+            ValueError: An unknown ``format``, or a ``path`` that cannot be written.
+            NotTrainedError: The detector has not been trained (see ``allow_untrained``).
+            TrainingBusyError: ``fit`` is running on this detector in another thread.
+        """
+        from cncad.export import export
+
+        self._require_trained("export")
+        with self._activity.reading("export"):
+            return export(self, path, format, **options)
 
     def _write(self, path: Path, kind: str) -> Path:
         optimizer_state = self._trainer.optimizer_state_dict() if kind == "checkpoint" else None
@@ -546,6 +777,7 @@ class CNCDetector:
             kind=kind,
             optimizer_state=optimizer_state,
             normal_statistics=self.normal_statistics,
+            calibration=None if self.calibration is None else self.calibration.to_dict(),
         )
         return write_detector_file(path, contents)
 
@@ -594,9 +826,12 @@ class CNCDetector:
         detector = cls(config, encoder=encoder, tokenizer=tokenizer)
         load_trainable_weights(detector.model, contents.state_dict, path)
         detector.model.to(detector.device).eval()
+        detector._loaded = True
         detector.threshold = contents.threshold
         detector.pixel_threshold = contents.pixel_threshold
         detector.normal_statistics = contents.normal_statistics
+        if contents.calibration is not None:
+            detector.calibration = Calibration.from_dict(contents.calibration)
         state = TrainingState(contents.epochs_trained, contents.history, contents.optimizer_state)
         try:
             detector._trainer = Trainer(detector.model, detector.device, state)
@@ -647,6 +882,10 @@ class _Activity:
             with self._lock:
                 self._fitting = False
 
+    @property
+    def fitting_now(self) -> bool:
+        return self._fitting
+
     @contextlib.contextmanager
     def reading(self, what: str) -> Iterator[None]:
         with self._lock:
@@ -681,19 +920,6 @@ def _split_backbone(encoder: nn.Module | None) -> tuple[nn.Module | None, nn.Mod
 
     is_clip = hasattr(encoder, "visual") and not isinstance(encoder, FrozenEncoder)
     return (encoder, None) if is_clip else (None, encoder)
-
-
-def _count(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def _kept_images(decoded: list[DecodedImage]) -> list[Tensor] | None:
-    images = [item.image for item in decoded]
-    return None if any(image is None for image in images) else images
 
 
 def _resize_map(amap: Tensor, size: Sequence[int]) -> Tensor:

@@ -8,7 +8,7 @@ the trainable part of the model is wrapped in ``DistributedDataParallel`` by
 [`Trainer`][cncad.training.Trainer]. One process without
 ``torchrun`` is the same code with a group of one, where every collective is the identity.
 
-Example:
+Examples:
     ```bash
     torchrun --nproc_per_node 4 -m cncad fit mvtec_ad --out mvtec.cnc --checkpoint-dir runs
     torchrun --nproc_per_node 4 my_script.py   # which calls CNCDetector(...).fit(data)
@@ -114,11 +114,18 @@ def local_device(name: str) -> torch.device:
         The device.
 
     Raises:
+        ValueError: ``name`` is not a device torch knows.
         RuntimeError: CUDA is asked for but not available.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or another device type torch "
+            f"knows (such as 'mps' or 'xpu'), got {name!r}"
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device {name!r} requested but CUDA is not available")

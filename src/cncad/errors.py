@@ -4,9 +4,9 @@ They all derive from [`CNCADError`][cncad.errors.CNCADError], and each also deri
 built-in exception that was raised at the same place before it existed (``ValueError``), so
 ``except ValueError`` keeps working. The command line turns them into one-line messages.
 
-The exception for an image file that cannot be decoded,
-[`ImageReadError`][cncad.data.transforms.ImageReadError], lives with the image decoding code and
-also derives from [`CNCADError`][cncad.errors.CNCADError].
+[`ImageReadError`][cncad.errors.ImageReadError], for an image file that cannot be decoded, is
+also importable from [`cncad.data`][cncad.data] where the decoding code lives; it is defined
+here so that the runtime without torch ([`cncad.deploy`][cncad.deploy]) raises the same class.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ from __future__ import annotations
 __all__ = [
     "CNCADError",
     "DatasetError",
+    "ImageReadError",
     "ModelFileError",
     "ModelVersionError",
     "NonFiniteError",
+    "NotTrainedError",
     "TrainingBusyError",
+    "WeightsUnavailableError",
 ]
 
 
@@ -27,6 +30,10 @@ class CNCADError(Exception):
 
 class DatasetError(CNCADError, ValueError):
     """A data folder has no usable images, or its layout is not recognised."""
+
+
+class ImageReadError(CNCADError, ValueError):
+    """An image or mask file exists but cannot be decoded (corrupt, truncated, unsupported)."""
 
 
 class ModelFileError(CNCADError, ValueError):
@@ -54,4 +61,26 @@ class TrainingBusyError(CNCADError, RuntimeError):
     [`CNCDetector.fit`][cncad.detector.CNCDetector.fit] switches the model between training
     and eval mode; a call from another thread at the same time would silently change what
     either of them computes.
+    """
+
+
+class NotTrainedError(CNCADError, RuntimeError):
+    """A detector that was never trained was asked to predict, evaluate, save or export.
+
+    Its decoder and prompts hold their random initial values, so its scores mean nothing.
+    [`CNCDetector`][cncad.detector.CNCDetector] counts as trained once ``fit`` has run an
+    epoch or when it was loaded from a file; ``allow_untrained=True`` opts out (smoke
+    tests, speed measurements).
+    """
+
+
+class WeightsUnavailableError(CNCADError, OSError, RuntimeError):
+    """Pretrained weights are neither in the local cache nor downloadable now.
+
+    Raised within seconds, before the model is built, when the weights of a pretrained tag
+    (open_clip's ``"openai"``, a timm tag, an ``"hf-hub:"`` backbone) would have to come from
+    the Hugging Face hub and ``HF_HUB_OFFLINE`` is set or the hub cannot be reached. The
+    one-line message names the missing weights and how to pass a local checkpoint instead
+    (``pretrained="/path/to/open_clip_pytorch_model.bin"``, CLI ``--pretrained PATH``).
+    It is an ``OSError`` (the network), and a ``RuntimeError`` as raised there before.
     """

@@ -7,7 +7,9 @@ category, exactly as those functions do on the concatenated arrays, and their me
 categories, the "Mean" row of the paper's tables.
 
 A metric that is undefined for a category (a single class present) is reported as NaN
-and left out of the mean; see
+and left out of the mean. A category with images whose ground-truth mask is unknown (a test
+set without ``ground_truth`` masks) gets its image metrics and ``None`` for its pixel metrics,
+and a warning says why; see
 [`AnomalyEvaluator.compute`][cncad.evaluation.AnomalyEvaluator.compute].
 
 Memory grows linearly with the number of test pixels (``docs/metrics.md``, "Memory"):
@@ -27,6 +29,7 @@ Memory grows linearly with the number of test pixels (``docs/metrics.md``, "Memo
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,6 +165,7 @@ class _CategoryBuffer:
     defect_scores: list[np.ndarray] = field(default_factory=list)
     defect_regions: list[np.ndarray] = field(default_factory=list)
     n_regions: int = 0
+    n_without_mask: int = 0  # images whose mask is unknown: no pixel metrics then
 
     @classmethod
     def create(cls, map_shape: tuple[int, int], map_dtype: np.dtype) -> _CategoryBuffer:
@@ -183,12 +187,30 @@ class _CategoryBuffer:
         """``(n,)`` float64 scores and ``(n,)`` bool labels of the category."""
         return self._merge(self.scores), self._merge(self.labels)
 
-    def add_pixels(self, maps: np.ndarray, masks: np.ndarray) -> None:
-        """Store ``(b, h, w)`` maps (already ``map_dtype``) and ``(b, h, w)`` bool masks."""
+    def add_pixels(self, maps: np.ndarray, masks: np.ndarray, n_without_mask: int) -> None:
+        """Store ``(b, h, w)`` maps (already ``map_dtype``) and ``(b, h, w)`` bool masks.
+
+        Once an image without a mask has come (``n_without_mask > 0`` now or before), the
+        category has no pixel metrics: its stored pixels are freed and no more are kept.
+        """
+        self.n_without_mask += n_without_mask
+        if self.n_without_mask:
+            self.forget_pixels()
+            return
         self.maps.append(maps)
         self.masks.append(np.packbits(masks.reshape(len(masks), -1), axis=1))
         self.n_pixels += masks.size
         self.n_defect_pixels += int(np.count_nonzero(masks))
+
+    def forget_pixels(self) -> None:
+        """Free every stored pixel (maps, masks and the ranking)."""
+        empty = _CategoryBuffer.create(self.map_shape, self.maps.dtype)
+        self.maps, self.masks = empty.maps, empty.masks
+        self.n_pixels = self.n_defect_pixels = self.n_ranked = self.n_regions = 0
+        self.ranked = np.empty(0, dtype=np.float32)
+        self.ranked_is_sorted = True
+        self.defect_scores.clear()
+        self.defect_regions.clear()
 
     def pixel_metrics(self, fpr_limit: float, num_thresholds: int | None) -> PixelMetrics:
         """The four pixel metrics of the category (its ranking is freed on return)."""
@@ -253,7 +275,7 @@ class AnomalyEvaluator:
             thresholds of the RD4AD-style approximation (see [`aupro`][cncad.metrics.aupro]).
         map_dtype: ``np.float32`` or ``np.float16``, the storage type of the maps.
 
-    Example:
+    Examples:
         >>> evaluator = AnomalyEvaluator()
         >>> for batch in loader:  # doctest: +SKIP
         ...     evaluator.update(scores, labels, maps, masks, batch["category"])
@@ -296,6 +318,7 @@ class AnomalyEvaluator:
         maps: ArrayLike,
         masks: ArrayLike,
         categories: Sequence[str],
+        has_mask: ArrayLike | None = None,
     ) -> None:
         """Add one batch.
 
@@ -306,23 +329,33 @@ class AnomalyEvaluator:
             masks: ``(B, h, w)`` ground-truth masks at the same resolution; anomalous
                 where ``mask > 0``.
             categories: ``B`` category names, one per image.
+            has_mask: ``(B,)`` bool (or 0/1), False where an image's ground-truth mask is
+                unknown (its ``masks`` entry is then ignored), as in the ``"has_mask"`` of
+                [`AnomalyFolder`][cncad.data.folder.AnomalyFolder] items. A category with
+                any such image gets no pixel metrics (``None``), and its pixels are not
+                stored. None (default): every mask is known.
 
         Raises:
             ValueError: On inconsistent batch sizes or shapes, NaN or infinite values
-                (also after the cast to ``map_dtype``), non-binary labels, or a map size
-                that differs from earlier batches of the same category. Nothing of a
-                rejected batch is kept.
+                (also after the cast to ``map_dtype``), non-binary labels or ``has_mask``,
+                or a map size that differs from earlier batches of the same category.
+                Nothing of a rejected batch is kept.
         """
         scores_np = _as_scores(scores, "scores", ndim=1).astype(np.float64, copy=False)
         labels_np = _as_image_labels(labels, "labels")
         maps_np = _as_scores(maps, "maps", ndim=3)
         masks_np = _as_masks(masks, "masks")
         batch_size = scores_np.shape[0]
+        if has_mask is None:
+            known_np = np.ones(batch_size, dtype=bool)
+        else:
+            known_np = _as_image_labels(has_mask, "has_mask")
         names = [categories] if isinstance(categories, str) else list(categories)
         sizes = {
             "labels": labels_np.shape[0],
             "maps": maps_np.shape[0],
             "masks": masks_np.shape[0],
+            "has_mask": known_np.shape[0],
             "categories": len(names),
         }
         mismatched = {key: size for key, size in sizes.items() if size != batch_size}
@@ -355,10 +388,20 @@ class AnomalyEvaluator:
                 buffer = self._buffers[name] = _CategoryBuffer.create(map_shape, self.map_dtype)
             buffer.scores.append(scores_np[rows])  # fancy indexing copies: no view on the input
             buffer.labels.append(labels_np[rows])
+            n_without_mask = int(rows.size - np.count_nonzero(known_np[rows]))
             if rows.size == batch_size:  # the usual one-category batch: no gather needed
-                buffer.add_pixels(maps_np, masks_np)
+                buffer.add_pixels(maps_np, masks_np, n_without_mask)
             else:
-                buffer.add_pixels(maps_np[rows], masks_np[rows])
+                buffer.add_pixels(maps_np[rows], masks_np[rows], n_without_mask)
+
+    @property
+    def images_without_mask(self) -> dict[str, int]:
+        """Per category with any, the number of images whose ground-truth mask is unknown."""
+        return {
+            name: buffer.n_without_mask
+            for name, buffer in self._buffers.items()
+            if buffer.n_without_mask
+        }
 
     def compute(self) -> dict[str, Any]:
         """Compute the metrics of every category and their mean over categories.
@@ -368,25 +411,35 @@ class AnomalyEvaluator:
         pixel or no normal pixel. The ``"mean"`` row averages each metric over the
         categories where it is defined (NaN only if it is defined nowhere).
 
+        None rule: the pixel metrics of a category are ``None`` when the mask of any of
+        its images is unknown (``has_mask`` False in
+        [`update`][cncad.evaluation.AnomalyEvaluator.update]), since its defect pixels
+        cannot be counted; the mean pixel metrics are then ``None`` too, as a mean over
+        fewer categories than the image metrics' would not be comparable. A
+        ``UserWarning`` names those categories. Image metrics are computed as usual.
+
         Returns:
-            ``{"per_category": {category: {metric: float, ..., "n_images": int}},
-            "mean": {metric: float, ..., "n_images": int}}`` with the metrics named by
-            [`METRIC_NAMES`][cncad.evaluation.METRIC_NAMES], as fractions in [0, 1], categories in
-            order of first appearance and ``"mean"["n_images"]`` the total number of images.
+            ``{"per_category": {category: {metric: float | None, ..., "n_images": int}},
+            "mean": {metric: float | None, ..., "n_images": int}}`` with the metrics named
+            by [`METRIC_NAMES`][cncad.evaluation.METRIC_NAMES], as fractions in [0, 1],
+            categories in order of first appearance and ``"mean"["n_images"]`` the total
+            number of images.
 
         Raises:
             ValueError: If nothing was accumulated.
         """
         if not self._buffers:
             raise ValueError("no data: call update() before compute()")
-        per_category: dict[str, dict[str, float | int]] = {}
+        per_category: dict[str, dict[str, float | int | None]] = {}
         for name, buffer in self._buffers.items():
             scores, labels = buffer.image_arrays()
-            row: dict[str, float | int] = dict.fromkeys(METRIC_NAMES, math.nan)
+            row: dict[str, float | int | None] = dict.fromkeys(METRIC_NAMES, math.nan)
             if 0 < np.count_nonzero(labels) < labels.size:
                 image = image_metrics(scores, labels)
                 row.update({I_AUROC: image.auroc, I_AP: image.ap, I_F1_MAX: image.f1_max})
-            if 0 < buffer.n_defect_pixels < buffer.n_pixels:
+            if buffer.n_without_mask:
+                row.update(dict.fromkeys(PIXEL_METRICS))
+            elif 0 < buffer.n_defect_pixels < buffer.n_pixels:
                 pixel = buffer.pixel_metrics(self.aupro_fpr_limit, self.aupro_num_thresholds)
                 row.update(
                     {
@@ -399,12 +452,35 @@ class AnomalyEvaluator:
             row[N_IMAGES] = int(scores.size)
             per_category[name] = row
 
-        mean: dict[str, float | int] = {}
+        without_mask = self.images_without_mask
+        mean: dict[str, float | int | None] = {}
         for metric in METRIC_NAMES:
-            defined = [row[metric] for row in per_category.values() if not math.isnan(row[metric])]
+            if metric in PIXEL_METRICS and without_mask:
+                mean[metric] = None
+                continue
+            values = [row[metric] for row in per_category.values()]
+            defined = [v for v in values if v is not None and not math.isnan(v)]
             mean[metric] = math.fsum(defined) / len(defined) if defined else math.nan
-        mean[N_IMAGES] = sum(int(row[N_IMAGES]) for row in per_category.values())
+        mean[N_IMAGES] = sum(int(row[N_IMAGES]) for row in per_category.values())  # type: ignore[arg-type]
+        if without_mask:
+            warnings.warn(_missing_masks_message(without_mask, per_category), stacklevel=2)
         return {"per_category": per_category, "mean": mean}
+
+
+def _missing_masks_message(
+    without_mask: Mapping[str, int], per_category: Mapping[str, Mapping[str, Any]]
+) -> str:
+    """The one line saying which categories have no pixel metrics, and why."""
+    counts = ", ".join(
+        f"{name!r} ({count} of {per_category[name][N_IMAGES]} images)"
+        for name, count in without_mask.items()
+    )
+    return (
+        f"pixel metrics ({', '.join(PIXEL_METRICS)}) are None for the categories with test "
+        f"images whose ground-truth mask is unknown: {counts}, and for the mean; image metrics "
+        "are computed as usual (AnomalyFolder looks for the masks of test/<defect>/<name> in "
+        "ground_truth/<defect>/<name>_mask.png or <name>.png)"
+    )
 
 
 def format_table(results: Mapping[str, Any], metrics: Sequence[str] = METRIC_NAMES) -> str:
@@ -414,7 +490,8 @@ def format_table(results: Mapping[str, Any], metrics: Sequence[str] = METRIC_NAM
     [`AnomalyEvaluator.compute`][cncad.evaluation.AnomalyEvaluator.compute].
 
     One row per category plus a final "Mean" row; metrics in percent with one decimal
-    (as in the paper's tables), undefined (NaN) values as ``-``.
+    (as in the paper's tables), undefined (NaN) values as ``-``, metrics not computed
+    (``None``: no ground-truth masks) as ``n/a``.
 
     Args:
         results: The dict returned by
@@ -442,5 +519,7 @@ def format_table(results: Mapping[str, Any], metrics: Sequence[str] = METRIC_NAM
     return "\n".join([line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1])])
 
 
-def _percent(value: float) -> str:
+def _percent(value: float | None) -> str:
+    if value is None:
+        return "n/a"
     return "-" if math.isnan(value) else f"{100.0 * value:.1f}"

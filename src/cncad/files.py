@@ -40,7 +40,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) 
     exception (``KeyboardInterrupt`` included) it is deleted and ``path`` is untouched. A
     new file gets the permissions ``open`` would give it; a replaced file keeps its own.
 
-    Example:
+    Examples:
         >>> import json, tempfile, pathlib
         >>> target = pathlib.Path(tempfile.mkdtemp()) / "results.json"
         >>> with atomic_write(target, "w", encoding="utf-8") as handle:

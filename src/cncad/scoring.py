@@ -510,7 +510,7 @@ def anomaly_map(
             ``reduction``, ``border`` or ``cosine_kernel``.
         TypeError: On non-floating or complex features, or features on several devices.
 
-    Example:
+    Examples:
         A CNN reverse-distillation model with a 3-level pyramid at 256x256 input::
 
             enc = [torch.randn(8, 256, 64, 64), torch.randn(8, 512, 32, 32),

@@ -62,6 +62,7 @@ from cncad.data.sampling import (
     positions_of_rank,
     shard_indices,
 )
+from cncad.data.transforms import check_model_batch
 from cncad.distributed import ProcessGroup
 from cncad.errors import DatasetError, NonFiniteError
 from cncad.model import CNCModel
@@ -88,7 +89,7 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     what makes a resumed run exact. Each process of a multi-process run gets its own
     stream (rank 0's is the single-process one).
 
-    Example:
+    Examples:
         >>> epoch_seed(0, 3) == epoch_seed(0, 3) != epoch_seed(0, 4)
         True
 
@@ -149,7 +150,10 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
         where the label is 0 (everywhere when there are no labels).
 
     Raises:
-        ValueError: The batch has no images of shape ``(B, 3, H, W)``.
+        ValueError: The batch has no images of shape ``(B, 3, H, W)``, or images with NaN,
+            infinite or out-of-range values (see
+            [`check_model_batch`][cncad.data.transforms.check_model_batch]).
+        TypeError: The images are not floating point.
     """
     labels = None
     if isinstance(batch, dict):
@@ -165,6 +169,7 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
     if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"expected image batches of shape (B, 3, H, W), got {shape}")
+    check_model_batch(images, "a training batch")
     if labels is None:
         return images, torch.ones(len(images), dtype=torch.bool)
     return images, torch.as_tensor(labels).reshape(-1) == 0
@@ -206,7 +211,7 @@ class CacheStats:
 class Trainer:
     """Trains a [`CNCModel`][cncad.model.CNCModel]'s trainable parts with Adam.
 
-    Example:
+    Examples:
         >>> trainer = Trainer(model, torch.device("cpu"))  # doctest: +SKIP
         >>> trainer.fit(dataset, epochs=5)  # doctest: +SKIP
         >>> trainer.state.epochs_trained  # doctest: +SKIP

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cncad.data.folder import AnomalyFolder, ImageFolderDataset, find_categories
+from cncad.data.folder import AnomalyFolder, ImageFolderDataset, find_categories, open_dataset
 from cncad.data.transforms import load_mask
+from cncad.errors import DatasetError
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -43,6 +45,15 @@ def _category(root: Path, name: str = "widget", n_train: int = 3) -> Path:
     _image(base / "test" / "scratch" / "000.png")
     _mask(base / "ground_truth" / "scratch" / "000_mask.png")
     return base
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root``, by relative path."""
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
 
 
 # --------------------------------------------------------------------- layout detection
@@ -129,22 +140,42 @@ def test_empty_folder_error(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------- masks
 
 
-def test_missing_mask_fails_at_construction_naming_the_image(tmp_path: Path) -> None:
+def test_required_mask_fails_at_construction_naming_the_image(tmp_path: Path) -> None:
     base = _category(tmp_path)
     orphan = _image(base / "test" / "scratch" / "007.png")
     with pytest.raises(FileNotFoundError) as info:
-        AnomalyFolder(base, split="test")
+        AnomalyFolder(base, split="test", masks="required")
     message = str(info.value)
     assert str(orphan) in message and "007_mask.png" in message and "007.bmp" in message
     # The train split never needs masks.
-    assert len(AnomalyFolder(base, split="train", image_size=8)) == 3
+    assert len(AnomalyFolder(base, split="train", image_size=8, masks="required")) == 3
 
 
-def test_missing_ground_truth_folder(tmp_path: Path) -> None:
+def test_required_masks_and_a_missing_ground_truth_folder(tmp_path: Path) -> None:
     base = _category(tmp_path)
     _image(base / "test" / "hole" / "000.png")
     with pytest.raises(FileNotFoundError, match="folder does not exist"):
-        AnomalyFolder(base, split="test")
+        AnomalyFolder(base, split="test", masks="required")
+    with pytest.raises(ValueError, match="'auto' or 'required'"):
+        AnomalyFolder(base, split="test", masks="none")  # type: ignore[arg-type]
+
+
+def test_defective_images_without_masks_are_kept_with_unknown_ground_truth(
+    tmp_path: Path,
+) -> None:
+    base = _category(tmp_path)
+    _image(base / "test" / "hole" / "000.png")  # no ground_truth/hole/ folder at all
+    orphan = _image(base / "test" / "scratch" / "001.png")  # scratch/ has 000's mask only
+    dataset = AnomalyFolder(base, split="test", image_size=8, mask_size=4)
+    assert dataset.labels == [0, 1, 1, 1]
+    assert [s.path for s in dataset.missing_masks] == [base / "test" / "hole" / "000.png", orphan]
+    assert [dataset[i]["has_mask"] for i in range(4)] == [True, False, True, False]
+    unknown = dataset[1]["mask"]
+    assert unknown.shape == (1, 4, 4) and unknown.eq(-1).all()
+    assert dataset[2]["mask"].max() == 1 and dataset[0]["mask"].eq(0).all()
+    batch = next(iter(DataLoader(dataset, batch_size=4)))
+    assert batch["has_mask"].tolist() == [True, False, True, False]
+    assert "2 defective images have no ground-truth mask" in dataset.describe()
 
 
 def test_btad_layout_ok_ko_and_bmp_masks(tmp_path: Path) -> None:
@@ -176,7 +207,16 @@ def test_items_shapes_and_values(tmp_path: Path) -> None:
     base = _category(tmp_path)
     dataset = AnomalyFolder(base, split="test", image_size=16, mask_size=8)
     good = dataset[0]
-    assert set(good) == {"image", "label", "mask", "category", "path", "original_size"}
+    assert set(good) == {
+        "image",
+        "label",
+        "mask",
+        "has_mask",
+        "category",
+        "path",
+        "original_size",
+    }
+    assert good["has_mask"] is True
     assert good["image"].shape == (3, 16, 16) and good["image"].dtype == torch.float32
     assert good["mask"].shape == (1, 8, 8) and good["mask"].dtype == torch.float32
     assert good["label"] == 0 and good["mask"].sum() == 0
@@ -188,14 +228,21 @@ def test_items_shapes_and_values(tmp_path: Path) -> None:
     assert defect["mask"][0, :, :4].eq(1).all() and defect["mask"][0, :, 4:].eq(0).all()
 
 
-def test_mask_of_another_size_than_its_image(tmp_path: Path) -> None:
+def test_mask_of_another_size_than_its_image_is_refused_naming_both(tmp_path: Path) -> None:
     base = _category(tmp_path)
-    _image(base / "test" / "scratch" / "000.png", size=(40, 40))
-    _mask(base / "ground_truth" / "scratch" / "000_mask.png", size=(10, 10), box=(0, 5, 10, 10))
-    item = AnomalyFolder(base, split="test", image_size=8)[1]
-    assert item["original_size"].tolist() == [40, 40]
-    assert item["mask"].shape == (1, 8, 8)
-    assert item["mask"][0, 4:].eq(1).all() and item["mask"][0, :4].eq(0).all()
+    image = _image(base / "test" / "scratch" / "000.png", size=(40, 30))
+    mask = _mask(base / "ground_truth" / "scratch" / "000_mask.png", size=(10, 10))
+    before = _hashes(base)
+    dataset = AnomalyFolder(base, split="test", image_size=8)
+    with pytest.raises(DatasetError) as info:
+        dataset[1]
+    message = str(info.value)
+    assert str(mask) in message and str(image) in message
+    assert "10x10" in message and "40x30" in message and "\n" not in message
+    # Through DataLoader workers too: the error keeps its type and its message.
+    with pytest.raises(DatasetError, match="40x30"):
+        next(iter(DataLoader(dataset, batch_size=2, num_workers=1)))
+    assert _hashes(base) == before
 
 
 def test_grey_mask_threshold(tmp_path: Path) -> None:
@@ -304,3 +351,68 @@ def test_real_datasets_counts_and_empty_masks() -> None:
     assert tile["image"].shape == plate["image"].shape == (3, 32, 32)
     assert plate["original_size"].tolist() == [512, 512] and plate["label"] == 1
     assert plate["mask"].sum() > 0
+
+
+# ------------------------------------------------------------------------- open_dataset
+
+
+def test_open_dataset_reads_a_tree_or_a_plain_folder_as_fit_does(tmp_path: Path) -> None:
+    base = _category(tmp_path / "tree")
+    tree = open_dataset(tmp_path / "tree", "train", image_size=8)
+    assert isinstance(tree, AnomalyFolder) and len(tree) == 3
+    assert tree.describe() == (
+        f"MVTec-style dataset {tmp_path / 'tree'}: 3 normal training images in 1 category (widget)"
+    )
+    plain_root = tmp_path / "plain"
+    _image(plain_root / "day_1" / "a.png")
+    _image(plain_root / "b.png")
+    plain = open_dataset(plain_root, image_size=8)
+    assert isinstance(plain, ImageFolderDataset) and len(plain) == 2
+    assert plain.describe() == f"plain image folder {plain_root}: 2 images, all taken as normal"
+    test = open_dataset(base, "test", image_size=8, mask_size=4)
+    assert isinstance(test, AnomalyFolder) and test[1]["mask"].shape == (1, 4, 4)
+    assert "2 test images (1 normal, 1 defective) in 1 category" in test.describe()
+
+
+@pytest.mark.parametrize("layout", ["split", "ground_truth"])
+def test_open_dataset_refuses_part_of_a_tree_for_training(tmp_path: Path, layout: str) -> None:
+    base = _category(tmp_path)
+    folder = base / "test" if layout == "split" else base / "ground_truth"
+    if layout == "ground_truth":
+        folder = tmp_path / "mixed"
+        _image(folder / "a.png")
+        _mask(folder / "ground_truth" / "x" / "a_mask.png")
+    with pytest.raises(DatasetError, match="looks like part of an MVTec-style dataset"):
+        open_dataset(folder, "train", image_size=8)
+
+
+def test_open_dataset_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="data folder not found"):
+        open_dataset(tmp_path / "absent")
+    afile = _image(tmp_path / "one.png")
+    with pytest.raises(DatasetError, match="is a file, not a folder"):
+        open_dataset(afile)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"no image files.*nor is .* an MVTec-style dataset"):
+        open_dataset(tmp_path / "empty")
+    plain = tmp_path / "plain"
+    _image(plain / "a.png")
+    with pytest.raises(DatasetError, match="not an anomaly detection dataset"):
+        open_dataset(plain, "test")
+    with pytest.raises(ValueError, match="split must be"):
+        open_dataset(plain, "val")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="image_size must be a positive int"):
+        open_dataset(plain, image_size=56.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be a path"):
+        open_dataset(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [56.0, "56", True, None])
+def test_sizes_must_be_ints(tmp_path: Path, value: object) -> None:
+    base = _category(tmp_path)
+    with pytest.raises(TypeError, match="image_size must be a positive int"):
+        AnomalyFolder(base, image_size=value)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="mask_size must be a positive int"):
+        AnomalyFolder(base, mask_size=value if value is not None else 1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="image_size must be a positive int, got 0"):
+        ImageFolderDataset(base, image_size=0)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from cncad.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     ImageReadError,
+    check_model_batch,
     denormalize,
     is_image_file,
     load_image,
@@ -311,3 +313,110 @@ class TestResizeMask:
     def test_needs_two_dimensions(self) -> None:
         with pytest.raises(ValueError, match="2 dimensions"):
             resize_mask(torch.zeros(5), 3)
+
+
+# ------------------------------------------------------------------ non-finite pixels
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class TestNonFinitePixels:
+    @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+    def test_float_pil_image_with_one_bad_pixel_is_refused(self, bad: float) -> None:
+        values = np.full((6, 5), 0.5, dtype=np.float32)
+        values[2, 3] = bad
+        with pytest.raises(ImageReadError, match="1 of its 30 float pixels are NaN or infinite"):
+            to_image_tensor(Image.fromarray(values, mode="F"))
+
+    def test_float_tiff_file_with_inf_is_refused_and_left_as_is(self, tmp_path: Path) -> None:
+        values = np.linspace(0, 3, 30, dtype=np.float32).reshape(6, 5)
+        values[0, 0] = np.inf
+        path = _save(Image.fromarray(values, mode="F"), tmp_path / "depth.tif")
+        before = _sha256(path)
+        with pytest.raises(ImageReadError) as info:
+            load_image(path)
+        assert str(path) in str(info.value) and "NaN or infinite" in str(info.value)
+        with pytest.raises(ImageReadError, match="NaN or infinite"):
+            load_mask(path)
+        assert _sha256(path) == before
+
+    def test_finite_float_image_is_still_scaled_by_its_range(self) -> None:
+        values = np.array([[0.0, 2.0]], dtype=np.float32)
+        pixels = to_image_tensor(Image.fromarray(values, mode="F"))[0]
+        assert pixels[0].tolist() == [[0.0, 1.0]]
+
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            np.array([[[0.5, np.inf, 0.5]]], dtype=np.float32),
+            torch.tensor([[[0.5, float("nan")]]]).expand(3, 1, 2),
+        ],
+        ids=["numpy", "tensor"],
+    )
+    def test_float_arrays_and_tensors_say_not_finite(self, bad: object) -> None:
+        with pytest.raises(ValueError, match="NaN or infinite values") as info:
+            to_image_tensor(bad)
+        assert "outside" not in str(info.value)
+
+    def test_out_of_range_message_gives_the_range(self) -> None:
+        with pytest.raises(ValueError, match=r"values in \[0, 255\], outside \[0, 1\]"):
+            to_image_tensor(torch.linspace(0, 255, 12).reshape(3, 2, 2))
+
+
+# ------------------------------------------------------------------ decompression bombs
+
+
+class TestDecompressionBomb:
+    def test_more_than_twice_the_limit_is_one_clear_error(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        path = _save(Image.new("RGB", (30, 40)), tmp_path / "bomb.png")
+        before = _sha256(path)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+        with pytest.raises(ImageReadError) as info:
+            load_image(path)
+        message = str(info.value)
+        assert str(path) in message and "1,200 pixels" in message
+        assert "1,000 (twice PIL's limit of 500)" in message
+        assert "PIL.Image.MAX_IMAGE_PIXELS" in message and "\n" not in message
+        with pytest.raises(ImageReadError, match="decompression bomb"):
+            to_image_tensor(str(path))
+        assert _sha256(path) == before
+
+    def test_between_one_and_two_times_the_limit_warns_and_decodes(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        path = _save(Image.new("RGB", (30, 40)), tmp_path / "large.png")
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+        with pytest.warns(Image.DecompressionBombWarning):
+            assert load_image(path).size == (30, 40)
+
+
+# ------------------------------------------------------------------- check_model_batch
+
+
+class TestCheckModelBatch:
+    def test_preprocessed_images_pass(self) -> None:
+        extremes = torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)])
+        check_model_batch(preprocess(extremes, 4))
+        check_model_batch(torch.zeros(0, 3, 4, 4))
+
+    @pytest.mark.parametrize(
+        ("images", "error", "match"),
+        [
+            (torch.full((2, 3, 4, 4), 200.0), ValueError, r"\[200, 200\].*divide 0-255"),
+            (preprocess(torch.full((1, 3, 4, 4), 255.0), 4), ValueError, "divide 0-255"),
+            (torch.full((2, 3, 4, 4), -20.0), ValueError, r"\[-20, -20\]"),
+            (torch.tensor(float("nan")).expand(1, 3, 4, 4), ValueError, "NaN or infinite"),
+            (torch.zeros(1, 3, 4, 4, dtype=torch.uint8), TypeError, "dtype torch.uint8"),
+            (np.zeros((1, 3, 4, 4), dtype=np.float32), TypeError, "type ndarray"),
+        ],
+        ids=["0-255", "0-255-normalised", "negative", "nan", "uint8", "numpy"],
+    )
+    def test_bad_batches(self, images: object, error: type[Exception], match: str) -> None:
+        with pytest.raises(error, match=match) as info:
+            check_model_batch(images, "a training batch")  # type: ignore[arg-type]
+        assert str(info.value).startswith("a training batch has")
+        assert "AnomalyFolder" in str(info.value)

@@ -1,3 +1,4 @@
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,9 +6,11 @@ import torch.nn.functional as F
 from cncad.encoders.clip import (
     CLIPEncoder,
     build_tiny_clip,
+    clip_bpe_tokenizer,
     default_layers,
     load_clip,
 )
+from cncad.errors import CNCADError, WeightsUnavailableError
 
 
 def test_default_layers_are_evenly_spaced_and_end_at_the_last_block():
@@ -155,3 +158,92 @@ def test_projection_gradient_reaches_half_precision_tokens():
         encoder.global_feature(tokens[:, 0]).sum().backward()
     assert tokens.grad is not None and tokens.grad.dtype == torch.bfloat16
     assert tokens.grad.abs().sum() > 0
+
+
+# --- pretrained weights when the hub cannot be used -------------------------------------
+
+
+@pytest.fixture
+def offline_empty_cache(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE set and an empty hub cache; no open_clip model may be built."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    built = []
+
+    def create_model(*args, **kwargs):
+        built.append((args, kwargs))
+        return build_tiny_clip()
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    monkeypatch.setattr(open_clip, "get_tokenizer", lambda name: clip_bpe_tokenizer())
+    return tmp_path, built
+
+
+def _cache_file(cache, repo, filename, revision="abc123"):
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(revision)
+    path = folder / "snapshots" / revision / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"weights")
+    return path
+
+
+def test_default_backbone_offline_fails_at_once_saying_how_to_pass_a_checkpoint(
+    offline_empty_cache,
+):
+    _, built = offline_empty_cache
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_clip("ViT-L-14-336-quickgelu", "openai")
+    message = str(info.value)
+    assert "\n" not in message and "HF_HUB_OFFLINE is set" in message
+    assert "pretrained='/path/to/open_clip_pytorch_model.bin'" in message
+    assert "--pretrained PATH" in message and "ViT-L-14-336px.pt" in message
+    assert "timm/vit_large_patch14_clip_336.openai" in message
+    assert built == []  # refused before the architecture was built
+    assert isinstance(info.value, CNCADError) and isinstance(info.value, OSError)
+    assert isinstance(info.value, RuntimeError)  # what load_clip raised before
+
+
+def test_default_detector_offline_raises_the_same_error(offline_empty_cache):
+    from cncad import CNCDetector
+
+    with pytest.raises(WeightsUnavailableError, match="local checkpoint"):
+        CNCDetector()
+
+
+def test_cached_weights_are_loaded_without_the_hub(offline_empty_cache):
+    cache, built = offline_empty_cache
+    repo = "timm/vit_base_patch32_clip_224.openai"
+    cached = _cache_file(cache, repo, "open_clip_pytorch_model.bin")
+    load_clip("ViT-B-32-quickgelu", "openai")
+    assert built[-1][0] == ("ViT-B-32-quickgelu",)
+    assert built[-1][1]["pretrained"] == str(cached)  # the file, not the tag
+    safe = _cache_file(cache, repo, "open_clip_model.safetensors")
+    load_clip("ViT-B-32-quickgelu", "openai")
+    assert built[-1][1]["pretrained"] == str(safe)  # open_clip's preference
+
+
+def test_hf_hub_backbone_offline_uses_the_cached_folder_or_fails(offline_empty_cache):
+    cache, built = offline_empty_cache
+    with pytest.raises(WeightsUnavailableError, match="org/clip-model"):
+        load_clip("hf-hub:org/clip-model")
+    config = _cache_file(cache, "org/clip-model", "open_clip_config.json")
+    with pytest.raises(WeightsUnavailableError):  # the config alone is not enough
+        load_clip("hf-hub:org/clip-model")
+    _cache_file(cache, "org/clip-model", "open_clip_pytorch_model.bin")
+    load_clip("hf-hub:org/clip-model")
+    assert built[-1][0] == (f"local-dir:{config.parent}",)
+
+
+def test_reachable_hub_and_local_sources_are_left_to_open_clip(offline_empty_cache, monkeypatch):
+    import cncad.encoders.clip as clip_module
+
+    _, built = offline_empty_cache
+    load_clip("ViT-B-32", None)  # random weights: nothing to download
+    assert built[-1][1]["pretrained"] is None
+    monkeypatch.setattr(clip_module, "hub_unreachable_reason", lambda: None)
+    load_clip("ViT-B-32-quickgelu", "openai")
+    assert built[-1][1]["pretrained"] == "openai"

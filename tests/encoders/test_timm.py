@@ -8,10 +8,12 @@ from cncad.encoders import (
     CLIPEncoder,
     FrozenEncoder,
     TimmEncoder,
+    create_timm_model,
     default_cnn_layers,
     resample_tokens,
     tokens_to_map,
 )
+from cncad.errors import WeightsUnavailableError
 
 SIZE = 64
 
@@ -115,7 +117,13 @@ def test_detector_accepts_a_timm_model_object(tmp_path, images):
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", pretrained=False)
     detector = CNCDetector(
-        encoder=model, use_cnc=False, use_mlf=False, image_size=SIZE, sigma=0.0, device="cpu"
+        encoder=model,
+        use_cnc=False,
+        use_mlf=False,
+        image_size=SIZE,
+        sigma=0.0,
+        device="cpu",
+        allow_untrained=True,
     )
     assert detector.config.backbone == "custom"
     assert detector.model.encoder.widths == (32, 48, 192)
@@ -141,3 +149,58 @@ def test_cnc_without_a_text_tower_is_a_clear_error(tiny_config):
     with pytest.raises(ValueError, match="use_cnc=False"):
         CNCModel(tiny_config, encoder=vision_only)
     assert CNCModel(tiny_config.replace(use_cnc=False), encoder=vision_only).prompt_learner is None
+
+
+# --- pretrained weights when the hub cannot be used -------------------------------------
+
+
+@pytest.fixture
+def offline_empty_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_pretrained_timm_weights_offline_fail_at_once_before_the_model_is_built(
+    offline_empty_cache, monkeypatch
+):
+    built = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(a))
+    with pytest.raises(WeightsUnavailableError) as info:
+        create_timm_model("timm/test_efficientnet", "default")
+    message = str(info.value)
+    assert "\n" not in message and "HF_HUB_OFFLINE is set" in message
+    assert "timm/test_efficientnet.r160_in1k" in message
+    assert "weights='/path/to/weights.pth'" in message and "pretrained=None" in message
+    assert built == []
+    with pytest.raises(WeightsUnavailableError):
+        CNCDetector(
+            backbone="timm/test_efficientnet", pretrained="default", use_cnc=False, device="cpu"
+        )
+
+
+def test_cached_timm_weights_load_without_the_hub(offline_empty_cache, monkeypatch):
+    import timm.models._hub
+    from safetensors.torch import save_file
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_hub)
+
+    source = timm.create_model("test_efficientnet", pretrained=False)
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.add_(1.0)
+    snapshot = offline_empty_cache / "models--timm--test_efficientnet.r160_in1k" / "snapshots"
+    (snapshot / "abc").mkdir(parents=True)
+    (snapshot.parent / "refs").mkdir()
+    (snapshot.parent / "refs" / "main").write_text("abc")
+    save_file(source.state_dict(), str(snapshot / "abc" / "model.safetensors"))
+    model = create_timm_model("test_efficientnet", "default")
+    for (name, expected), actual in zip(
+        source.state_dict().items(), model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(expected, actual), name

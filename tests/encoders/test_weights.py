@@ -14,6 +14,7 @@ from cncad.encoders import (
     register_remap,
     remap_by_order,
 )
+from cncad.encoders.weights import cached_hub_file, hub_unreachable_reason
 from cncad.model import CNCModel
 
 
@@ -129,3 +130,63 @@ def test_clip_backbone_takes_weights_from_a_file(tiny_config, tmp_path):
         model.prompt_learner.text_tower.token_embedding.weight,
         state["module.token_embedding.weight"],
     )
+
+
+# --- the hub: reachability and the local cache ------------------------------------------
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_hub_offline_mode_is_a_reason_without_any_connection(monkeypatch):
+    import socket
+
+    def no_connection(*args, **kwargs):
+        raise AssertionError("offline mode must not open a connection")
+
+    monkeypatch.setattr(socket, "create_connection", no_connection)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_unreachable_reason() == "HF_HUB_OFFLINE is set"
+
+
+def test_hub_reachability_is_one_connection(no_proxy):
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        assert hub_unreachable_reason(f"http://127.0.0.1:{port}/x", timeout_s=5) is None
+    reason = hub_unreachable_reason(f"http://127.0.0.1:{port}/x", timeout_s=5)  # closed now
+    assert reason is not None and reason.startswith(f"127.0.0.1:{port} cannot be reached")
+    assert "\n" not in reason
+
+
+def _cache_file(cache, repo, filename, data=b"x", revision="abc123"):
+    """Put ``filename`` in a Hugging Face hub cache layout under ``cache``."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(revision)
+    path = folder / "snapshots" / revision / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, dict):
+        save_file(data, str(path))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def test_cached_hub_file_finds_the_first_cached_name_only_in_the_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert cached_hub_file("org/repo", "model.safetensors", "pytorch_model.bin") is None
+    bin_path = _cache_file(tmp_path, "org/repo", "pytorch_model.bin")
+    found = cached_hub_file("org/repo", "model.safetensors", "pytorch_model.bin")
+    assert found == str(bin_path)
+    safe_path = _cache_file(tmp_path, "org/repo", "model.safetensors")
+    assert cached_hub_file("org/repo", "model.safetensors", "pytorch_model.bin") == str(safe_path)
+    assert cached_hub_file("org/other", "model.safetensors") is None

@@ -84,3 +84,46 @@ def test_gradients_reach_router_and_selected_experts_only():
 def test_invalid_top_k():
     with pytest.raises(ValueError):
         GatedMoE(dim=4, num_experts=2, top_k=3)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize(("dim", "experts", "top_k"), [(6, 4, 3), (64, 5, 2), (32, 5, 1)])
+def test_dense_routing_equals_sparse_routing(renormalize, dim, experts, top_k):
+    torch.manual_seed(1)
+    moe = GatedMoE(dim, num_experts=experts, top_k=top_k, renormalize=renormalize)
+    tokens = torch.randn(3, 17, dim) * 2
+    sparse = moe(tokens)
+    moe.dense = True
+    dense = moe(tokens)
+    # same experts, gates and mixture; only the GEMM blocking over rows can round differently
+    assert torch.equal(dense.expert_indices, sparse.expert_indices)
+    assert torch.equal(dense.gates, sparse.gates)
+    assert torch.allclose(dense.output, sparse.output, rtol=0, atol=1e-6)
+    # gradients agree as well (the dense path only adds exact zeros)
+    sparse_grad = torch.autograd.grad(sparse.output.square().sum(), moe.router.weight)[0]
+    dense_grad = torch.autograd.grad(dense.output.square().sum(), moe.router.weight)[0]
+    assert torch.allclose(dense_grad, sparse_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_tracing_uses_the_dense_routing_and_keeps_the_numbers():
+    torch.manual_seed(2)
+    moe = GatedMoE(dim=16, num_experts=5, top_k=2).eval()
+    calls = []
+    for expert in moe.experts:
+        expert.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
+    tokens = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        traced = torch.jit.trace(_OutputOnly(moe), (tokens,), check_trace=False)
+    assert calls == [18] * 5  # every expert saw every token while tracing
+    other = torch.randn(4, 9, 16)  # another batch: the traced graph has no data-dependent shape
+    with torch.no_grad():
+        assert torch.allclose(traced(other), moe(other).output, rtol=0, atol=1e-6)
+
+
+class _OutputOnly(torch.nn.Module):
+    def __init__(self, moe: GatedMoE) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.moe(tokens).output

@@ -46,7 +46,7 @@ _LANE_TAG = 0x4C414E45  # keeps the lane seeds apart from other uses of derive_s
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
     """The global batches of one epoch, as dataset indices; position ``p`` is from lane ``p % B``.
 
-    Example:
+    Examples:
         >>> batches = epoch_batches(10, 4, seed=0, epoch=0)
         >>> tuple(len(b) for b in batches)  # the 2 left over join the last full batch
         (4, 6)
@@ -88,7 +88,7 @@ def owned_by(indices: Tensor, batch_size: int, world_size: int, rank: int) -> Te
     ``k % W == r``: the one rule behind [`shard_indices`][cncad.data.sampling.shard_indices]
     and [`positions_of_rank`][cncad.data.sampling.positions_of_rank].
 
-    Example:
+    Examples:
         >>> owned_by(torch.arange(6), 4, world_size=2, rank=1).tolist()
         [False, True, False, True, False, True]
 
@@ -108,7 +108,7 @@ def owned_by(indices: Tensor, batch_size: int, world_size: int, rank: int) -> Te
 def positions_of_rank(length: int, batch_size: int, world_size: int, rank: int) -> Tensor:
     """The positions of a global batch of ``length`` images that process ``rank`` takes.
 
-    Example:
+    Examples:
         >>> positions_of_rank(6, 4, world_size=2, rank=1).tolist()
         [1, 3, 5]
 
@@ -129,7 +129,7 @@ def positions_of_rank(length: int, batch_size: int, world_size: int, rank: int) 
 def shard_indices(n: int, batch_size: int, world_size: int, rank: int) -> Tensor:
     """The images whose features process ``rank`` caches: those of its lanes.
 
-    Example:
+    Examples:
         >>> shard_indices(10, 4, world_size=2, rank=1).tolist()
         [1, 3, 5, 7, 9]
 
@@ -150,7 +150,7 @@ def shard_indices(n: int, batch_size: int, world_size: int, rank: int) -> Tensor
 def dataset_size(data: Any) -> int | None:
     """The number of items of a Dataset, or of a DataLoader's dataset; None if it has no length.
 
-    Example:
+    Examples:
         >>> from torch.utils.data import DataLoader, TensorDataset
         >>> dataset_size(DataLoader(TensorDataset(torch.zeros(5, 1)), batch_size=2))
         5
@@ -180,7 +180,7 @@ def _check_rank(batch_size: int, world_size: int, rank: int) -> None:
 def derive_seed(seed: int, *labels: int) -> int:
     """A well-mixed 63-bit seed for one use of ``seed`` (an epoch, a lane, a process).
 
-    Example:
+    Examples:
         >>> derive_seed(0, 1) == derive_seed(0, 1) != derive_seed(0, 2)
         True
 

@@ -11,16 +11,13 @@ length of the stream. Results come back in input order.
 from __future__ import annotations
 
 import os
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Literal, NamedTuple
 
-import numpy as np
 from torch import Tensor
 
-from cncad.data.transforms import ImageReadError, preprocess, to_image_tensor
+from cncad._decode import DECODE_ERRORS, DecodeFailure, iter_inputs, map_in_order
+from cncad.data.transforms import preprocess, to_image_tensor
 
 __all__ = ["DecodeFailure", "DecodedImage", "decode_stream", "iter_inputs"]
 
@@ -46,56 +43,6 @@ class DecodedImage(NamedTuple):
     image: Tensor | None
 
 
-class DecodeFailure(NamedTuple):
-    """An input that could not be read or converted (with ``on_error="skip"``).
-
-    Attributes:
-        index: Position in the input stream.
-        source: The file path when the input was one, else None.
-        reason: One line: the error's type and message.
-    """
-
-    index: int
-    source: str | None
-    reason: str
-
-
-def iter_inputs(images: Any) -> Iterator[Any]:
-    """The single images of ``images``, lazily, in order.
-
-    Args:
-        images: A folder (its image files, searched recursively, sorted by relative path),
-            one image (a path, PIL image, ``HxW[xC]`` array or ``[C]xHxW`` tensor), a 4-D
-            array or tensor (split into images), or any iterable of these.
-
-    Yields:
-        One image input at a time (folders expanded into their files).
-    """
-    if isinstance(images, (str, os.PathLike)):
-        path = Path(images)
-        if path.is_dir():
-            from cncad.data.folder import ImageFolderDataset
-
-            yield from ImageFolderDataset(path, image_size=1).paths
-        else:
-            yield path
-        return
-    if isinstance(images, (Tensor, np.ndarray)):
-        if images.ndim == 4:
-            yield from images
-        else:
-            yield images
-        return
-    if isinstance(images, Iterable) and not _is_pil(images):
-        for item in images:
-            if isinstance(item, (Tensor, np.ndarray)) and item.ndim == 4:
-                yield from item
-            else:
-                yield item
-        return
-    yield images
-
-
 def decode_stream(
     images: Any,
     image_size: int,
@@ -107,7 +54,7 @@ def decode_stream(
 ) -> Iterator[DecodedImage | DecodeFailure]:
     """Decode and preprocess a stream of images, ``workers`` threads ahead of the caller.
 
-    Example:
+    Examples:
         >>> import torch
         >>> items = list(decode_stream([torch.rand(3, 40, 60), torch.rand(3, 20, 20)], 28))
         >>> tuple((d.index, d.size, tuple(d.model_input.shape)) for d in items)
@@ -142,33 +89,11 @@ def decode_stream(
         try:
             (image,) = to_image_tensor([item])
             model_input = preprocess(image, image_size)[0]
-        except (OSError, ImageReadError, TypeError, ValueError) as error:
+        except DECODE_ERRORS as error:
             if on_error == "raise":
                 raise
             return DecodeFailure(index, source, f"{type(error).__name__}: {error}")
         size = (int(image.shape[-2]), int(image.shape[-1]))
         return DecodedImage(index, source, model_input, size, image if keep_images else None)
 
-    inputs = enumerate(iter_inputs(images))
-    if workers == 0:
-        for index, item in inputs:
-            yield decode(index, item)
-        return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cncad-decode") as pool:
-        pending: deque[Future] = deque()
-        try:
-            for index, item in inputs:
-                pending.append(pool.submit(decode, index, item))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:  # a consumer that stops early (or an error) leaves no work running
-            for future in pending:
-                future.cancel()
-
-
-def _is_pil(value: Any) -> bool:
-    from PIL import Image
-
-    return isinstance(value, Image.Image)
+    yield from map_in_order(decode, iter_inputs(images), workers, window)

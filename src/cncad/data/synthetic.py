@@ -350,7 +350,7 @@ def make_synthetic_dataset(
         FileExistsError: If a category folder exists, is not empty and ``overwrite`` is
             false.
 
-    Example:
+    Examples:
         >>> root = make_synthetic_dataset("/tmp/synthetic", categories=["sand_like"])
         >>> sorted(p.name for p in (root / "sand_like" / "test").iterdir())
         ['good', 'missing', 'scratch', 'stain']

@@ -15,25 +15,39 @@ so training and inference see identical pixels.
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
-from cncad.errors import CNCADError
+from cncad._decode import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    channels_first_shape,
+    check_float_range,
+    is_image_file,
+    load_image,
+    load_mask,
+    rgb_arrays,
+    tensor_dtype_error,
+)
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "IMAGE_EXTENSIONS",
+    "NORMALIZED_LIMIT",
     "ImageInput",
     "ImageReadError",
+    "check_model_batch",
     "denormalize",
     "is_image_file",
     "load_image",
@@ -43,210 +57,11 @@ __all__ = [
     "to_image_tensor",
 ]
 
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-"""Per-channel RGB mean of the CLIP image encoder's training data."""
-
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-"""Per-channel RGB standard deviation of the CLIP image encoder's training data."""
-
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-"""File extensions recognised as images (compared case-insensitively)."""
-
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
 """One image in any form accepted by [`to_image_tensor`][cncad.data.transforms.to_image_tensor]."""
 
-_UINT16_MAX = 65535
-
-
-class ImageReadError(CNCADError, ValueError):
-    """An image or mask file exists but cannot be decoded (corrupt, truncated, unsupported)."""
-
-
-def is_image_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names an image file and is not a hidden file.
-
-    Image file names end with one of
-    [`IMAGE_EXTENSIONS`][cncad.data.transforms.IMAGE_EXTENSIONS].
-
-    Hidden files (names starting with ``.``) are excluded so that macOS ``._name.png``
-    resource forks and similar clutter are never mistaken for images.
-
-    Args:
-        path: A file path; only its name is inspected, the file system is not touched.
-
-    Returns:
-        ``True`` for names such as ``000.png`` or ``IMG_1.JPG``.
-    """
-    name = Path(path).name
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 # --------------------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------------------
-
-
-def _open(path: str | os.PathLike, what: str) -> Image.Image:
-    """Open and fully decode a file, turning every decoder failure into ImageReadError."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        with Image.open(path) as handle:
-            handle.load()
-            # Multi-frame files (TIFF stacks, animated images): the first frame is the image.
-            return handle.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageReadError(f"cannot read {what} file {path}: {error}") from error
-
-
-def _rescale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Map ``[low, high]`` linearly onto ``[0, 255]`` with rounding."""
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (values.astype(np.float64) - low) * (255.0 / (high - low))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def _composite_on_black(rgb_or_gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Premultiply by alpha, i.e. composite over a black background."""
-    weight = alpha.astype(np.float64) / 255.0
-    if rgb_or_gray.ndim == 3:
-        weight = weight[..., None]
-    return np.rint(rgb_or_gray.astype(np.float64) * weight).astype(np.uint8)
-
-
-def _pil_to_uint8(image: Image.Image) -> np.ndarray:
-    """Decode any PIL mode to 8-bit pixels, keeping grey images single-channel.
-
-    Returns:
-        ``(H, W)`` uint8 for single-channel modes, ``(H, W, 3)`` uint8 otherwise.
-    """
-    mode = image.mode
-    if mode == "1":
-        return np.asarray(image.convert("L"))
-    if mode == "L":
-        return np.asarray(image)
-    if mode.startswith("I;16"):
-        return _rescale_to_uint8(np.asarray(image), 0, _UINT16_MAX)
-    if mode == "I":
-        # Pillow stores 16-bit PNG/TIFF data as 32-bit "I" in some code paths; such data
-        # lies in [0, 65535] and is scaled by that range. Any other int32 data has no
-        # meaningful fixed range, so its own min/max is used.
-        values = np.asarray(image)
-        low, high = int(values.min()), int(values.max())
-        if low >= 0 and high <= _UINT16_MAX:
-            return _rescale_to_uint8(values, 0, _UINT16_MAX)
-        return _rescale_to_uint8(values, low, high)
-    if mode == "F":
-        values = np.asarray(image)
-        low, high = float(np.nanmin(values)), float(np.nanmax(values))
-        if low >= 0.0 and high <= 1.0:
-            return _rescale_to_uint8(values, 0.0, 1.0)
-        return _rescale_to_uint8(values, low, high)
-    if mode in ("LA", "La"):
-        values = np.asarray(image.convert("LA"))
-        return _composite_on_black(values[..., 0], values[..., 1])
-    if mode == "P" and "transparency" not in image.info:
-        return np.asarray(image.convert("RGB"))
-    if mode in ("RGBA", "RGBa", "PA", "P"):
-        values = np.asarray(image.convert("RGBA"))
-        return _composite_on_black(values[..., :3], values[..., 3])
-    if mode == "RGB":
-        return np.asarray(image)
-    # CMYK, YCbCr, RGBX, LAB, HSV, ...: Pillow's own conversion to RGB.
-    return np.asarray(image.convert("RGB"))
-
-
-def _gray_to_rgb(values: np.ndarray) -> np.ndarray:
-    return np.repeat(values[..., None], 3, axis=-1) if values.ndim == 2 else values
-
-
-def _pil_to_rgb(image: Image.Image, source: str) -> Image.Image:
-    try:
-        values = _pil_to_uint8(image)
-    except (OSError, ValueError) as error:
-        raise ImageReadError(
-            f"cannot convert {source} (mode {image.mode!r}) to RGB: {error}"
-        ) from error
-    return Image.fromarray(np.ascontiguousarray(_gray_to_rgb(values)), mode="RGB")
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Read an image file as an 8-bit RGB PIL image.
-
-    Every colour mode is converted the same way:
-
-    * grey (``L``, ``1``) is replicated to three channels;
-    * 16-bit grey (``I;16*``, and ``I`` holding values in ``[0, 65535]``) is scaled by the
-      full 16-bit range (``v * 255 / 65535``), never clipped, so relative intensities are
-      kept; other 32-bit integer or float data is scaled by its own min/max (float data
-      already in ``[0, 1]`` is scaled by 255);
-    * images with transparency (``RGBA``, ``LA``, ``PA``, palette with a transparent
-      colour) are composited over black, i.e. colours are premultiplied by alpha. Fully
-      opaque images are unchanged; fully transparent pixels become black, whatever colour
-      they stored;
-    * palette, CMYK, YCbCr and other modes use Pillow's conversion to RGB.
-
-    EXIF orientation tags are deliberately ignored: ground-truth masks are drawn on the
-    stored pixel grid, and rotating the image but not its mask would misalign them. Only
-    the first frame of a multi-frame file is read.
-
-    Args:
-        path: Path of a PNG, JPEG, BMP, TIFF or any other format Pillow decodes.
-
-    Returns:
-        A PIL image in mode ``RGB`` of the file's own size ``(W, H)``, detached from the
-        file.
-
-    Raises:
-        FileNotFoundError: If ``path`` is not an existing file.
-        ImageReadError: If the file cannot be decoded (the message names the file).
-    """
-    return _pil_to_rgb(_open(path, "image"), str(path))
-
-
-def load_mask(path: str | os.PathLike, threshold: int = 0) -> np.ndarray:
-    """Read a ground-truth mask file as a boolean array.
-
-    The mask is decoded to 8-bit values exactly as [`load_image`][cncad.data.transforms.load_image]
-    decodes images (16-bit masks scaled by the 16-bit range, alpha composited over black); colour
-    masks are reduced by taking the maximum over the RGB channels, so an annotation drawn in any
-    colour counts. A pixel is defective when its value is strictly greater than
-    ``threshold``.
-
-    The default ``threshold=0`` marks every non-black pixel, which is right for masks
-    stored as 0/255 or as label indices (0/1/2, ...). Masks saved with anti-aliased or
-    JPEG-blurred edges contain intermediate grey values around each defect; use
-    ``threshold=127`` to keep only pixels that are at least half on.
-
-    Args:
-        path: Path of the mask image.
-        threshold: Pixels with 8-bit value ``> threshold`` are ``True``; in ``[0, 254]``.
-
-    Returns:
-        ``(H, W)`` bool array at the mask file's own resolution.
-
-    Raises:
-        FileNotFoundError: If ``path`` is not an existing file.
-        ImageReadError: If the file cannot be decoded.
-        ValueError: If ``threshold`` is outside ``[0, 254]``.
-    """
-    if not 0 <= threshold <= 254:
-        raise ValueError(f"threshold must be in [0, 254], got {threshold}")
-    image = _open(path, "mask")
-    try:
-        values = _pil_to_uint8(image)
-    except (OSError, ValueError) as error:
-        message = f"cannot convert mask {path} (mode {image.mode!r}): {error}"
-        raise ImageReadError(message) from error
-    if values.ndim == 3:
-        values = values.max(axis=-1)
-    return values > threshold
-
-
-# --------------------------------------------------------------------------------------
-# Conversion of in-memory inputs
+# Conversion of in-memory inputs (the rules themselves live in cncad._decode)
 # --------------------------------------------------------------------------------------
 
 
@@ -255,59 +70,11 @@ def _uint8_hwc_to_tensor(values: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1))).float().div_(255.0)
 
 
-def _check_not_empty(height: int, width: int, what: str) -> None:
-    if height == 0 or width == 0:
-        raise ValueError(f"{what} has an empty spatial size ({height}x{width})")
-
-
-def _float_range_error(what: str) -> ValueError:
-    return ValueError(
-        f"{what} has float values outside [0, 1] (or NaN); float images must be scaled to "
-        "[0, 1] (pass uint8 data for 0-255 values)"
-    )
-
-
-def _array_to_tensors(array: np.ndarray) -> list[Tensor]:
-    """Convert a channels-last numpy image (or NHWC batch) to RGB tensors."""
-    if array.ndim == 4:
-        return [tensor for item in array for tensor in _array_to_tensors(item)]
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3:
-        raise ValueError(
-            f"numpy images must be HxW, HxWxC or NxHxWxC (channels last), got shape {array.shape}"
-        )
-    height, width, channels = array.shape
-    if channels not in (1, 3, 4):
-        raise ValueError(
-            f"numpy images must have 1, 3 or 4 channels in the last axis, got shape "
-            f"{array.shape} (channels-first arrays are not accepted: use a torch tensor)"
-        )
-    _check_not_empty(height, width, "numpy image")
-    if array.dtype == np.uint8:
-        values = array
-    elif array.dtype == np.uint16:
-        values = _rescale_to_uint8(array, 0, _UINT16_MAX)
-    elif np.issubdtype(array.dtype, np.floating):
-        if not (np.all(np.isfinite(array)) and array.min() >= 0.0 and array.max() <= 1.0):
-            raise _float_range_error("numpy image")
-        # Keep full float precision rather than quantising through uint8.
-        floats = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-        floats = floats.permute(2, 0, 1)
-        if channels == 4:
-            floats = floats[:3] * floats[3:]
-        elif channels == 1:
-            floats = floats.expand(3, -1, -1)
-        return [floats.contiguous()]
-    else:
-        raise TypeError(
-            f"numpy images must be uint8, uint16 or float in [0, 1], got dtype {array.dtype}"
-        )
-    if channels == 4:
-        values = _composite_on_black(values[..., :3], values[..., 3])
-    elif channels == 1:
-        values = np.repeat(values, 3, axis=-1)
-    return [_uint8_hwc_to_tensor(values)]
+def _float_bounds(tensor: Tensor) -> tuple[float, float]:
+    """``(min, max)`` of float pixels, on their device; ``(nan, nan)`` when any is not finite."""
+    if not bool(torch.isfinite(tensor).all()):
+        return math.nan, math.nan
+    return float(tensor.min()), float(tensor.max())
 
 
 def _tensor_to_tensors(tensor: Tensor) -> list[Tensor]:
@@ -316,45 +83,26 @@ def _tensor_to_tensors(tensor: Tensor) -> list[Tensor]:
         return [image for item in tensor for image in _tensor_to_tensors(item)]
     if tensor.ndim == 2:
         tensor = tensor.unsqueeze(0)
-    if tensor.ndim != 3:
-        raise ValueError(
-            f"image tensors must be HxW, CxHxW or BxCxHxW, got shape {tuple(tensor.shape)}"
-        )
-    channels, height, width = tensor.shape
-    if channels not in (1, 3):
-        raise ValueError(
-            f"image tensors must have 1 or 3 channels (channels first), got shape "
-            f"{tuple(tensor.shape)}"
-        )
-    _check_not_empty(height, width, "image tensor")
+    channels, _, _ = channels_first_shape(tuple(tensor.shape))
     if tensor.dtype == torch.uint8:
         tensor = tensor.float().div_(255.0)
     elif tensor.is_floating_point():
-        if not bool(torch.isfinite(tensor).all()) or tensor.min() < 0 or tensor.max() > 1:
-            raise _float_range_error("image tensor")
+        check_float_range(*_float_bounds(tensor), "image tensor")
         tensor = tensor.float()
     else:
-        raise TypeError(
-            f"image tensors must be uint8 or floating point in [0, 1], got dtype {tensor.dtype}"
-        )
+        raise tensor_dtype_error(tensor.dtype)
     if channels == 1:
         tensor = tensor.expand(3, -1, -1).contiguous()
     return [tensor]
 
 
 def _convert(item: object) -> list[Tensor]:
-    if isinstance(item, (str, os.PathLike)):
-        return [_uint8_hwc_to_tensor(np.asarray(load_image(item)))]
-    if isinstance(item, Image.Image):
-        return [_uint8_hwc_to_tensor(np.asarray(_pil_to_rgb(item, "PIL image")))]
-    if isinstance(item, np.ndarray):
-        return _array_to_tensors(item)
     if isinstance(item, Tensor):
         return _tensor_to_tensors(item)
-    raise TypeError(
-        "expected a path, a PIL image, a numpy array, a torch tensor or a list of these, "
-        f"got {type(item).__name__}"
-    )
+    return [
+        _uint8_hwc_to_tensor(image) if image.dtype == np.uint8 else torch.from_numpy(image)
+        for image in rgb_arrays(item)
+    ]
 
 
 def to_image_tensor(images: ImageInput | Sequence[ImageInput]) -> list[Tensor]:
@@ -385,9 +133,12 @@ def to_image_tensor(images: ImageInput | Sequence[ImageInput]) -> list[Tensor]:
     Raises:
         TypeError: For an unsupported type or dtype.
         ValueError: For an empty list, a wrong number of dimensions or channels, an empty
-            image, or float values outside ``[0, 1]``.
+            image, float values outside ``[0, 1]`` (the message gives their range), or NaN
+            or infinite values.
         FileNotFoundError: For a path that does not exist.
-        ImageReadError: For a file that cannot be decoded.
+        ImageReadError: For a file that cannot be decoded, or a file or PIL image of mode
+            ``F`` with NaN or infinite pixels (see
+            [`load_image`][cncad.data.transforms.load_image]).
     """
     if isinstance(images, (list, tuple)):
         if len(images) == 0:
@@ -518,6 +269,51 @@ def resize_mask(mask: Tensor | np.ndarray, size: int | tuple[int, int]) -> Tenso
     work = flat.to(torch.float32) if not flat.is_floating_point() else flat
     resized = F.interpolate(work, size=target, mode="nearest-exact")
     return resized.to(mask.dtype).reshape(*leading, *target)
+
+
+NORMALIZED_LIMIT: float = 10.0
+"""Largest magnitude accepted in a batch of normalised images by
+[`check_model_batch`][cncad.data.transforms.check_model_batch].
+
+CLIP-normalised images from ``[0, 1]`` pixels lie within about ``[-1.8, 2.2]``; 0-255 pixel
+values reach 255 as they are and several hundred normalised the same way."""
+
+
+def check_model_batch(images: Tensor, what: str = "a batch") -> None:
+    """Check that a batch of preprocessed images is what the model takes, at little cost.
+
+    Datasets and DataLoaders given to ``fit`` and ``evaluate`` must yield images as
+    [`AnomalyFolder`][cncad.data.folder.AnomalyFolder] does: float, ``[0, 1]`` pixels
+    normalised by [`preprocess`][cncad.data.transforms.preprocess], so within about
+    ``[-1.8, 2.2]``. One pass for finiteness and one for the min/max of the batch catch
+    NaN/inf values and 0-255 pixel values (normalised or not) before they reach the
+    feature cache or the model; images outside ``[-NORMALIZED_LIMIT, NORMALIZED_LIMIT]``
+    are refused. (Un-normalised ``[0, 1]`` images cannot be told apart and pass.)
+
+    Args:
+        images: ``(B, 3, H, W)`` tensor.
+        what: Names the batch in the message, e.g. ``"a training batch"``.
+
+    Raises:
+        TypeError: If the images are not a floating point tensor (for example uint8 pixels).
+        ValueError: If a value is NaN or infinite, or outside the limit.
+    """
+    expected = (
+        "items must be images as AnomalyFolder returns them: float, pixels scaled to [0, 1] "
+        "and normalised by cncad.data.preprocess (within about [-1.8, 2.2])"
+    )
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{what} has images of type {type(images).__name__}; {expected}")
+    if not images.is_floating_point():
+        raise TypeError(f"{what} has images of dtype {images.dtype}; {expected}")
+    if images.numel() == 0:
+        return
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{what} has images with NaN or infinite values; {expected}")
+    low, high = (float(value) for value in torch.aminmax(images))
+    if low < -NORMALIZED_LIMIT or high > NORMALIZED_LIMIT:
+        hint = "; divide 0-255 pixel values by 255 first" if high > NORMALIZED_LIMIT else ""
+        raise ValueError(f"{what} has image values in [{low:.4g}, {high:.4g}]; {expected}{hint}")
 
 
 def denormalize(

@@ -21,6 +21,13 @@ from torch import Tensor, nn
 
 from cncad._precision import float32
 from cncad.encoders.base import EncoderFeatures, FrozenEncoder
+from cncad.encoders.weights import (
+    _hub_cache_dir,
+    _hub_endpoint,
+    cached_hub_file,
+    hub_unreachable_reason,
+)
+from cncad.errors import WeightsUnavailableError
 
 __all__ = [
     "TINY_BACKBONE",
@@ -79,6 +86,13 @@ def load_clip(
 ) -> tuple[nn.Module, Callable[[list[str]], Tensor]]:
     """Load a CLIP model and its tokenizer with open_clip.
 
+    Weights that come from the Hugging Face hub (a pretrained tag such as ``"openai"``, an
+    ``"hf-hub:"`` backbone) are checked first, before the model is built: when the hub
+    cannot be used (``HF_HUB_OFFLINE`` set, or no connection within seconds; see
+    [`hub_unreachable_reason`][cncad.encoders.weights.hub_unreachable_reason]), a copy in
+    the local hub cache is loaded without the network, and without one
+    [`WeightsUnavailableError`][cncad.errors.WeightsUnavailableError] is raised at once.
+
     Args:
         backbone: ``"tiny"``; an open_clip model name (``"ViT-L-14-336-quickgelu"``); an
             open_clip schema source (``"hf-hub:org/repo"``, ``"local-dir:/path"``); or the
@@ -92,11 +106,15 @@ def load_clip(
         ``(N, context_length)`` long tensor.
 
     Raises:
-        RuntimeError: The weights could not be loaded (for example a hub download on an
-            offline machine); the message says how to use a local checkpoint instead.
+        WeightsUnavailableError: The weights would have to be downloaded and cannot be; the
+            one-line message says how to pass a local checkpoint instead.
+        RuntimeError: The weights could not be loaded for another reason (an unknown tag, a
+            damaged file); the message says how to use a local checkpoint instead.
     """
     if backbone == TINY_BACKBONE:
         return build_tiny_clip(), clip_bpe_tokenizer()
+    if not os.path.isfile(backbone):
+        backbone, pretrained = _without_unreachable_hub(backbone, pretrained)
     try:
         if os.path.isfile(backbone):
             model = open_clip.load_openai_model(backbone, device="cpu")
@@ -107,11 +125,84 @@ def load_clip(
     except Exception as error:  # open_clip raises many kinds; re-raise with the way out
         raise RuntimeError(
             f"could not load CLIP backbone {backbone!r} (pretrained={pretrained!r}): {error}. "
-            "Offline, pass a local checkpoint: pretrained='/path/to/open_clip_weights.bin' with "
-            "the architecture name, or backbone='/path/to/ViT-L-14-336px.pt' for an OpenAI "
-            "checkpoint file. backbone='tiny' runs without weights (tests and demos only)."
+            f"{_WAY_OUT}"
         ) from error
     return model.eval(), tokenizer
+
+
+_WAY_OUT = (
+    "Offline, pass a local checkpoint: pretrained='/path/to/open_clip_pytorch_model.bin' "
+    "(CLI: --pretrained PATH) with the architecture name, or "
+    "backbone='/path/to/ViT-L-14-336px.pt' (CLI: --backbone PATH) for an OpenAI checkpoint "
+    "file. backbone='tiny' runs without weights (tests and demos only)."
+)
+_HF_HUB = "hf-hub:"
+_OPEN_CLIP_CONFIG = "open_clip_config.json"
+_OPEN_CLIP_WEIGHTS = "open_clip_pytorch_model.bin"
+
+
+def _safe_first(filename: str) -> tuple[str, ...]:
+    """``filename`` after its safetensors alternative, in open_clip's order of preference."""
+    if filename == _OPEN_CLIP_WEIGHTS:
+        return ("open_clip_model.safetensors", filename)
+    if filename.endswith((".bin", ".pth")):
+        return (filename[:-4] + ".safetensors", filename)
+    return (filename,)
+
+
+def _without_unreachable_hub(backbone: str, pretrained: str | None) -> tuple[str, str | None]:
+    """The ``(backbone, pretrained)`` to give open_clip so that an unusable hub is not tried.
+
+    Unchanged when no hub file is needed or the hub can be used. Otherwise the cached
+    files replace the hub: the cached weights file for a tag, the cached repository folder
+    (``"local-dir:"``) for an ``"hf-hub:"`` backbone.
+
+    Raises:
+        WeightsUnavailableError: The hub cannot be used and the files are not cached.
+    """
+    if backbone.startswith(_HF_HUB):
+        repo = backbone[len(_HF_HUB) :]
+        reason = hub_unreachable_reason()
+        if reason is None:
+            return backbone, pretrained
+        config = cached_hub_file(repo, _OPEN_CLIP_CONFIG)
+        weights = cached_hub_file(repo, *_safe_first(_OPEN_CLIP_WEIGHTS))
+        if config is not None and weights is not None:
+            return f"local-dir:{os.path.dirname(config)}", None
+        raise _unavailable(f"of {backbone!r}", repo, reason)
+    if pretrained is None or backbone.startswith("local-dir:") or os.path.isfile(pretrained):
+        return backbone, pretrained
+    tag_cfg = open_clip.get_pretrained_cfg(backbone.replace("/", "-"), pretrained)
+    if not tag_cfg or not tag_cfg.get("hf_hub"):
+        return backbone, pretrained  # not a hub tag: open_clip's own error or download
+    # as open_clip reads it: "org/repo/" (default file name) or "org/repo/file.bin"
+    repo, filename = os.path.split(tag_cfg["hf_hub"])
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return backbone, pretrained
+    cached = cached_hub_file(repo, *_safe_first(filename or _OPEN_CLIP_WEIGHTS))
+    if cached is not None:
+        return backbone, cached
+    url = tag_cfg.get("url", "")
+    openai_file = os.path.basename(url) if "openaipublic" in url else None  # OpenAI format
+    raise _unavailable(f"{pretrained!r} of {backbone}", repo, reason, openai_file)
+
+
+def _unavailable(
+    what: str, repo: str, reason: str, openai_file: str | None = None
+) -> WeightsUnavailableError:
+    local = (
+        "pass a local checkpoint: pretrained='/path/to/open_clip_pytorch_model.bin' "
+        "(CLI: --pretrained PATH) with this backbone"
+    )
+    if openai_file is not None:
+        local += f", or backbone='/path/to/{openai_file}' (CLI: --backbone PATH)"
+    return WeightsUnavailableError(
+        f"the pretrained weights {what} are not in the local Hugging Face cache "
+        f"({_hub_cache_dir()}) and cannot be downloaded from {_hub_endpoint()}/{repo} "
+        f"now ({reason}). To run without the hub, {local}; or download them once where the "
+        "hub is reachable (they are cached for later runs)."
+    )
 
 
 def default_layers(depth: int, num_taps: int = 3) -> tuple[int, ...]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import timm
 import torch
@@ -26,7 +27,15 @@ from torch import Tensor, nn
 from cncad.data.transforms import CLIP_MEAN, CLIP_STD
 from cncad.encoders.base import EncoderFeatures, FrozenEncoder, Grid
 from cncad.encoders.clip import default_layers
-from cncad.encoders.weights import KeyRemap, load_encoder_weights
+from cncad.encoders.weights import (
+    KeyRemap,
+    _hub_cache_dir,
+    _hub_endpoint,
+    cached_hub_file,
+    hub_unreachable_reason,
+    load_encoder_weights,
+)
+from cncad.errors import WeightsUnavailableError
 
 __all__ = ["TIMM_PREFIX", "TimmEncoder", "create_timm_model", "default_cnn_layers"]
 
@@ -57,6 +66,13 @@ def default_cnn_layers(num_levels: int, num_taps: int = 3) -> tuple[int, ...]:
 def create_timm_model(name: str, pretrained: str | None = None) -> nn.Module:
     """Create a timm model by name, randomly initialised unless ``pretrained`` is set.
 
+    Pretrained weights are looked for before the model is built: when they would come from
+    the hub (or a URL) that cannot be used now (``HF_HUB_OFFLINE`` set, or no connection
+    within seconds; see
+    [`hub_unreachable_reason`][cncad.encoders.weights.hub_unreachable_reason]), a copy in
+    the local cache is loaded without the network, and without one
+    [`WeightsUnavailableError`][cncad.errors.WeightsUnavailableError] is raised at once.
+
     Args:
         name: timm model name, with or without the ``"timm/"`` prefix.
         pretrained: ``None`` for random weights; ``"default"`` for timm's default
@@ -67,19 +83,83 @@ def create_timm_model(name: str, pretrained: str | None = None) -> nn.Module:
     Returns:
         The full model (classifier included, so that checkpoints load as saved), in eval
         mode on the CPU.
+
+    Raises:
+        WeightsUnavailableError: The weights would have to be downloaded and cannot be; the
+            one-line message says how to pass a local checkpoint instead.
+        RuntimeError: The model or its weights could not be created for another reason.
     """
     name = name.removeprefix(TIMM_PREFIX)
     if pretrained is None:
         return timm.create_model(name, pretrained=False).eval()
     full_name = name if pretrained == "default" else f"{name}.{pretrained}"
+    overlay = _cached_weights_overlay(full_name)
     try:
-        return timm.create_model(full_name, pretrained=True).eval()
+        return timm.create_model(full_name, pretrained=True, **overlay).eval()
     except Exception as error:  # hub, network and registry errors: add the way out
         raise RuntimeError(
-            f"could not load timm model {full_name!r} with pretrained weights: {error}. "
-            "Offline, create it randomly initialised and pass a local checkpoint: "
-            "weights='/path/to/weights.pth' (with weights_remap if its keys differ)."
+            f"could not load timm model {full_name!r} with pretrained weights: {error}. {_WAY_OUT}"
         ) from error
+
+
+_WAY_OUT = (
+    "Offline, create it randomly initialised and pass a local checkpoint: "
+    "pretrained=None, weights='/path/to/weights.pth' (with weights_remap if its keys differ)."
+)
+_HF_WEIGHTS = "pytorch_model.bin"
+_HF_SAFE_ALTERNATIVES = {
+    "pytorch_model.bin": "model.safetensors",
+    "open_clip_pytorch_model.bin": "open_clip_model.safetensors",
+}
+
+
+def _cached_weights_overlay(full_name: str) -> dict[str, Any]:
+    """Extra ``timm.create_model`` arguments that load cached weights when the hub is unusable.
+
+    Empty when the source can be used (or timm does not know the name: its own error
+    follows); ``{"pretrained_cfg_overlay": {"file": path}}`` with the cached copy otherwise.
+
+    Raises:
+        WeightsUnavailableError: The source cannot be used and nothing is cached.
+    """
+    cfg = _get_pretrained_cfg(full_name)
+    if cfg is None or cfg.file or cfg.state_dict is not None:
+        return {}
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        filename = cfg.hf_hub_filename or _HF_WEIGHTS
+        reason = hub_unreachable_reason()
+        if reason is None:
+            return {}
+        names = (_HF_SAFE_ALTERNATIVES.get(filename, filename), filename)
+        cached = cached_hub_file(repo, *names, revision=revision or None)
+        source, cache = f"{_hub_endpoint()}/{repo}", _hub_cache_dir()
+    elif cfg.url:
+        reason = hub_unreachable_reason(cfg.url)
+        if reason is None:
+            return {}
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url))
+        cached = path if os.path.isfile(path) else None
+        source, cache = cfg.url, os.path.dirname(path)
+    else:
+        return {}
+    if cached is not None:
+        return {"pretrained_cfg_overlay": {"file": cached}}
+    raise WeightsUnavailableError(
+        f"the pretrained weights of timm model {full_name!r} are not in the local cache "
+        f"({cache}) and cannot be downloaded from {source} now ({reason}). To run "
+        "without the hub, pass a local checkpoint: pretrained=None, "
+        "weights='/path/to/weights.pth' (with weights_remap if its keys differ); or download "
+        "them once where the hub is reachable (they are cached for later runs)."
+    )
+
+
+def _get_pretrained_cfg(full_name: str) -> Any:
+    """The timm pretrained config of ``"arch"`` or ``"arch.tag"``; ``None`` if unknown."""
+    try:
+        return timm.models.get_pretrained_cfg(full_name)
+    except Exception:  # unknown names and tags: timm.create_model raises the clear error
+        return None
 
 
 class TimmEncoder(FrozenEncoder):

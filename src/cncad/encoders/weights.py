@@ -19,11 +19,23 @@ Built in:
 * ``"strip_module"``: drops a ``module.`` prefix (DataParallel checkpoints).
 * ``"strip_visual"``: keeps ``visual.*`` keys without the prefix (a CLIP vision tower saved
   inside a full CLIP checkpoint, loaded into a timm ViT of the same layout).
+
+Pretrained weights named by a tag come from the Hugging Face hub. Before anything is built,
+[`hub_unreachable_reason`][cncad.encoders.weights.hub_unreachable_reason] says within seconds
+whether the hub can be used (``HF_HUB_OFFLINE`` unset and one TCP connection to the hub, or
+to the HTTPS proxy, opened), and [`cached_hub_file`][cncad.encoders.weights.cached_hub_file]
+finds a file already in the local hub cache; the encoders use a cached file without the
+network, and raise [`WeightsUnavailableError`][cncad.errors.WeightsUnavailableError] at once
+when the file is neither cached nor downloadable, instead of minutes of retries.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +45,9 @@ from torch import Tensor, nn
 __all__ = [
     "KeyRemap",
     "available_remaps",
+    "cached_hub_file",
     "get_remap",
+    "hub_unreachable_reason",
     "load_encoder_weights",
     "load_state_dict_file",
     "register_remap",
@@ -201,6 +215,102 @@ def load_encoder_weights(
             "cncad.encoders.register_remap."
         )
     model.load_state_dict(state, strict=False)
+
+
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, now or at hub import."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return env.strip().upper() in _TRUE or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_endpoint() -> str:
+    """The Hugging Face hub's address (``HF_ENDPOINT``, ``https://huggingface.co`` by default)."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def hub_unreachable_reason(url: str | None = None, timeout_s: float = 3.0) -> str | None:
+    """Why a download from the hub (or from ``url``) cannot work now; ``None`` if it can.
+
+    Makes no request: offline mode (``HF_HUB_OFFLINE``, for the hub) is one reason;
+    otherwise one TCP connection to the server, or to the HTTPS proxy configured for it,
+    must open within ``timeout_s`` seconds (name lookup included). This takes the place of
+    the hub client's retries, which spend about a minute before they give up.
+
+    Args:
+        url: The address to be downloaded from; ``None`` for the hub's (``HF_ENDPOINT``,
+            ``https://huggingface.co`` by default).
+        timeout_s: Seconds to wait for the connection.
+
+    Returns:
+        ``None`` when the server can be reached, else one line saying why not
+        (``"HF_HUB_OFFLINE is set"``, ``"huggingface.co:443 cannot be reached: ..."``).
+    """
+    if url is None:
+        if _hub_offline():
+            return "HF_HUB_OFFLINE is set"
+        url = _hub_endpoint()
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_parts.hostname or "", proxy_parts.port or 80
+    failure = _connect(host, port, timeout_s)
+    return None if failure is None else f"{host}:{port} cannot be reached: {failure}"
+
+
+def _connect(host: str, port: int, timeout_s: float) -> str | None:
+    """Open and close one TCP connection within ``timeout_s``; ``None`` or why it failed."""
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                outcome.append(None)
+        except OSError as error:
+            outcome.append(str(error) or type(error).__name__)
+
+    # A thread bounds the name lookup too, which the socket timeout does not cover.
+    thread = threading.Thread(target=attempt, name="cncad-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0] if outcome else f"no answer within {timeout_s:g} s"
+
+
+def cached_hub_file(repo_id: str, *filenames: str, revision: str | None = None) -> str | None:
+    """The local path of the first of ``filenames`` found in the Hugging Face hub cache.
+
+    Looks only at the cache (``HF_HUB_CACHE``, or ``HF_HOME/hub``); never the network.
+
+    Args:
+        repo_id: Hub repository (``"timm/vit_large_patch14_clip_336.openai"``).
+        *filenames: File names in the repository, in order of preference.
+        revision: Branch, tag or commit; ``None`` for ``"main"``.
+
+    Returns:
+        The cached file's path, or ``None`` when none of them is cached.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        found = try_to_load_from_cache(repo_id, filename, revision=revision)
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
+def _hub_cache_dir() -> str:
+    """The folder of the local Hugging Face hub cache."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
 
 
 register_remap("by_order", remap_by_order)

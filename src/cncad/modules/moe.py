@@ -70,7 +70,15 @@ class GatedMoE(nn.Module):
     processed by its K highest-scoring experts and ``z* = Σ_k H_k E_k(z)`` (eq. 14), with the
     raw softmax values H_k as the paper writes it (``renormalize=True`` rescales the K
     values to sum to 1 instead). Routing is vectorised over tokens; the only Python loop is
-    over experts, each of which runs once on the tokens routed to it.
+    over experts.
+
+    Two routings compute the same z*. The sparse one (eager default) runs each expert once on
+    the tokens routed to it, found with ``nonzero``: shapes depend on the data, which
+    ``torch.jit.trace``, ``torch.export`` and ONNX export cannot follow. The dense one runs
+    every expert on every token and weights the outputs with the ``(R, T)`` matrix of the
+    selected gate values (zero for the other experts), summed in expert order; adding the
+    zeros changes no value, so it gives the same numbers at T/K times the expert work. It is
+    used while tracing, compiling or exporting, and whenever ``dense`` is True.
 
     Args:
         dim: Token width C.
@@ -79,6 +87,7 @@ class GatedMoE(nn.Module):
         mlp_ratio: Hidden width of each expert relative to C.
         act_layer: Activation of the expert MLPs.
         renormalize: Renormalise the selected gate values.
+        dense: Always use the dense routing (the attribute can be changed later).
 
     Shapes:
         forward: ``(..., C)`` -> [`MoEOutput`][cncad.modules.moe.MoEOutput] with
@@ -93,6 +102,7 @@ class GatedMoE(nn.Module):
         mlp_ratio: float = 1.0,
         act_layer: type[nn.Module] = nn.GELU,
         renormalize: bool = False,
+        dense: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -100,6 +110,7 @@ class GatedMoE(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
+        self.dense = bool(dense)
         self.router = nn.Linear(dim, num_experts)
         hidden = max(1, round(dim * mlp_ratio))
         self.experts = nn.ModuleList(
@@ -114,6 +125,14 @@ class GatedMoE(nn.Module):
         weights, indices = gates.topk(self.top_k, dim=-1)  # (R, K)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.dense or _tracing():
+            output = self._dense(flat, weights, indices)
+        else:
+            output = self._sparse(flat, weights, indices)
+        return MoEOutput(output.reshape(shape), gates, indices)
+
+    def _sparse(self, flat: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        """Eq. 14 with each expert run on its own tokens: ``(R, C)``."""
         output = torch.zeros_like(flat)
         for expert_id, expert in enumerate(self.experts):
             token_ids, slot = (indices == expert_id).nonzero(as_tuple=True)
@@ -121,4 +140,24 @@ class GatedMoE(nn.Module):
                 continue
             routed = expert(flat[token_ids]) * weights[token_ids, slot].unsqueeze(-1)
             output.index_add_(0, token_ids, routed.to(output.dtype))  # eq. 14
-        return MoEOutput(output.reshape(shape), gates, indices)
+        return output
+
+    def _dense(self, flat: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        """Eq. 14 with every expert on every token, static shapes: ``(R, C)``."""
+        # (R, T): the selected gate values in their experts' columns, zeros elsewhere
+        mixing = torch.zeros(
+            flat.shape[0], self.num_experts, dtype=weights.dtype, device=weights.device
+        ).scatter(1, indices, weights)
+        output = torch.zeros_like(flat)
+        for expert_id, expert in enumerate(self.experts):
+            routed = expert(flat) * mixing[:, expert_id : expert_id + 1]
+            output = output + routed.to(output.dtype)  # eq. 14, in expert order as _sparse
+        return output
+
+
+def _tracing() -> bool:
+    """Whether the forward is being traced, compiled or exported (no data-dependent shapes)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
