@@ -354,3 +354,40 @@ def test_image_score_errors(args, match):
         image_score(torch.rand(2, 6, 5), *args)
     with pytest.raises(ValueError, match="shape"):
         image_score(torch.rand(5))
+
+
+# ------------------------------------------------------------------------ tracing
+
+
+def _traceable(out_size, sigma, reduction, mode):
+    def score(e0, d0, e1, d1):
+        amap = anomaly_map([e0, e1], [d0, d1], out_size, sigma=sigma, reduction=reduction)
+        return amap, image_score(amap, mode, k=0.05)
+
+    return score
+
+
+@pytest.mark.parametrize(("reduction", "mode"), [("sum", "max"), ("mean", "topk_mean")])
+def test_traced_anomaly_map_has_a_free_batch_and_keeps_the_numbers(reduction, mode):
+    def features(batch, seed):
+        g = torch.Generator().manual_seed(seed)
+        e = [torch.randn(batch, 16, 8, 8, generator=g), torch.randn(batch, 16, 12, generator=g)]
+        return [t for x in e for t in (x, x + 0.5 * torch.randn(x.shape, generator=g))]
+
+    fn = _traceable((32, 24), 2.0, reduction, mode)
+    for n in (8, 4):  # operators built before tracing: constants in the graph
+        axis_operator(n, 32, 2.0), axis_operator(n, 24, 2.0)
+    with torch.no_grad():
+        traced = torch.jit.trace(fn, tuple(features(2, 0)), check_trace=False)
+        for batch in (1, 3):
+            inputs = features(batch, batch)
+            for got, want in zip(traced(*inputs), fn(*inputs), strict=True):
+                assert got.shape[0] == batch
+                torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+def test_tracing_refuses_an_operator_built_inside_the_trace():
+    clear_operator_cache()
+    e = torch.randn(2, 8, 4, 4)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="before tracing"):
+        torch.jit.trace(_traceable(16, 1.0, "sum", "max"), (e, e + 1, e, e - 1))

@@ -35,15 +35,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import cncad
 from cncad.data.transforms import CLIP_MEAN, CLIP_STD
 from cncad.deploy import FORMAT_TAG
-from cncad.encoders.base import Grid, tokens_to_map
+from cncad.encoders.base import _resampling_matrices
 from cncad.files import atomic_write, check_output_file
-from cncad.scoring import axis_operator, image_score
+from cncad.scoring import axis_operator
 
 if TYPE_CHECKING:
     from cncad.calibration import Calibration
@@ -63,8 +62,6 @@ EXPORT_FORMATS: tuple[str, ...] = ("onnx",)
 
 DEFAULT_OPSET = 17
 """ONNX opset of the exported graph (onnxruntime >= 1.16 and OpenVINO 2024 run it)."""
-
-_EPS = 1e-8  # eps of F.cosine_similarity, as in cncad.scoring
 
 
 class InferenceGraph(nn.Module):
@@ -115,64 +112,17 @@ class InferenceGraph(nn.Module):
         if calibration is not None:
             names += ["norm_score", "norm_map"]
         self.output_names: tuple[str, ...] = tuple(names)
-        # The constant "upsample then blur" operators of each layer's grid, built here and
-        # not while tracing (their construction has no faithful ONNX form; as constants it
-        # needs none).
-        native = config.compare_grid == "native"
-        self.grids: tuple[tuple[int, int], ...] = tuple(
-            tuple(grid) if native else tuple(model.common_grid) for grid in model.encoder.grids
-        )
-        for h, w in sorted(set(self.grids)):
-            rows = axis_operator(h, self.image_size, config.sigma).clone()  # (S, h)
-            cols = axis_operator(w, self.image_size, config.sigma).T.contiguous()  # (w, S)
-            self.register_buffer(f"rows_{h}x{w}", rows, persistent=False)
-            self.register_buffer(f"cols_{h}x{w}", cols, persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         """Score ``(N, 3, S, S)`` images in ``[0, 1]``; see ``output_names``."""
-        model = self.model
-        config = model.config
         normalised = (images - self.mean) / self.std
-        output = model.forward_features(model.encode(normalised))
-        maps = self._anomaly_map(output.encoded, output.decoded)
-        k = config.topk
-        scores = image_score(maps, mode=config.image_score, k=int(k) if k >= 1 else float(k))
+        maps, scores = self.model.predict_features(self.model.encode(normalised))
         outputs = [scores, maps]
         if self.threshold is not None:
             outputs += [scores >= self.threshold, maps >= self.pixel_threshold]
         if self.calibration is not None:
             outputs += [self.calibration.image(scores), self.calibration.pixel(maps)]
         return tuple(outputs)
-
-    def _anomaly_map(self, encoded: Sequence[Tensor], decoded: Sequence[Tensor]) -> Tensor:
-        """Eq. 17 as [`anomaly_map`][cncad.scoring.anomaly_map] computes it, in traceable ops.
-
-        The same formula (cosine as ``F.cosine_similarity``, summed per grid as
-        ``count - sum cos``) and the same constant operators ``A_h @ S @ A_w.T``, without the
-        chunked in-place kernels whose loops depend on the batch size; only the order of
-        the float32 roundings differs (about 1e-6).
-        """
-        sums: dict[tuple[int, int], tuple[Tensor, int]] = {}
-        for e, d, grid in zip(encoded, decoded, self.grids, strict=True):
-            e, d = e.float(), d.float()
-            dot = (e * d).sum(-1)
-            norm_e = torch.linalg.vector_norm(e, dim=-1).clamp_min(_EPS)
-            norm_d = torch.linalg.vector_norm(d, dim=-1).clamp_min(_EPS)
-            cosine = dot / (norm_e * norm_d)  # (N, h * w)
-            if grid in sums:
-                total, count = sums[grid]
-                sums[grid] = (total + cosine, count + 1)
-            else:
-                sums[grid] = (cosine, 1)
-        result: Tensor | None = None
-        for (h, w), (total, count) in sums.items():
-            distance = (count - total).unflatten(1, (h, w))  # sum of 1 - cos: (N, h, w)
-            rows = getattr(self, f"rows_{h}x{w}")
-            cols = getattr(self, f"cols_{h}x{w}")
-            part = torch.matmul(torch.matmul(rows, distance), cols)  # (N, S, S)
-            result = part if result is None else result + part
-        assert result is not None
-        return result
 
 
 def _channel_vector(values: Sequence[float], name: str) -> Tensor:
@@ -185,61 +135,25 @@ def _channel_vector(values: Sequence[float], name: str) -> Tensor:
     return vector.view(1, 3, 1, 1)
 
 
-def _resampling_matrix(size_in: int, size_out: int, antialias: bool) -> Tensor:
-    """The ``(size_out, size_in)`` float32 matrix of ``F.interpolate``'s 1-D bilinear resize.
-
-    Obtained by resizing an identity image along one axis, in float64, so it follows
-    PyTorch's own weights (with or without antialiasing) exactly.
-    """
-    eye = torch.eye(size_in, dtype=torch.float64)[None, None]
-    resized = F.interpolate(
-        eye, size=(size_out, size_in), mode="bilinear", align_corners=False, antialias=antialias
-    )
-    return resized[0, 0].float()
-
-
-class _GridResampler:
-    """[`resample_tokens`][cncad.encoders.base.resample_tokens] as two constant matrix products.
-
-    ONNX has no form of ``F.interpolate``'s antialiased bilinear shrinking (CNN pyramids
-    resampled to the coarsest grid). The resize is linear and separable, so it is exactly
-    ``R_h @ X @ R_w.T`` with matrices built before tracing, which enter the graph as
-    constants; the result equals the eager one up to float32 rounding.
-    """
-
-    def __init__(self, pairs: set[tuple[tuple[int, int], tuple[int, int]]]) -> None:
-        self.matrices: dict[tuple[tuple[int, int], tuple[int, int]], tuple[Tensor, Tensor]] = {}
-        for grid, target in pairs:
-            if grid == target:
-                continue
-            shrink = target[0] < grid[0] or target[1] < grid[1]  # as resample_tokens
-            rows = _resampling_matrix(grid[0], target[0], shrink)
-            cols = _resampling_matrix(grid[1], target[1], shrink).T.contiguous()
-            self.matrices[(grid, target)] = (rows, cols)
-
-    def __call__(self, tokens: Tensor, grid: Grid, target: Grid) -> Tensor:
-        grid, target = tuple(grid), tuple(target)
-        if grid == target:
-            return tokens
-        rows, cols = self.matrices[(grid, target)]
-        maps = tokens_to_map(tokens, grid)  # (B, C, h, w)
-        resized = torch.matmul(torch.matmul(rows.to(maps.dtype), maps), cols.to(maps.dtype))
-        return resized.flatten(2).transpose(1, 2)
-
-
 @contextlib.contextmanager
 def _export_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, prompts' text features cached, no fused attention kernels, quiet tracer.
+    """Eval mode, constants built, no fused attention kernels, quiet tracer.
 
-    ``cncad.model``'s grid resampling is swapped for its matrix form while tracing.
+    The constants are the prompts' text features and the matrices that
+    [`resample_tokens`][cncad.encoders.base.resample_tokens] and
+    [`anomaly_map`][cncad.scoring.anomaly_map] apply while tracing: built here, the graph
+    holds them rather than a record of their construction (which has no faithful ONNX form).
     """
-    import cncad.model as model_module
-
+    config = model.config
     grids = tuple(tuple(grid) for grid in model.encoder.grids)
     common = tuple(model.common_grid)
-    pairs = {(grid, common) for grid in grids} | {(common, grid) for grid in grids}
-    resampler = _GridResampler(pairs)
-    original_resample = model_module.resample_tokens
+    for grid in grids:
+        if grid != common:
+            _resampling_matrices(grid, common)
+            _resampling_matrices(common, grid)
+    compared = grids if config.compare_grid == "native" else (common,)
+    for size in {n for grid in compared for n in grid}:
+        axis_operator(size, config.image_size, config.sigma)
     was_training = model.training
     model.eval()
     prompt_learner = getattr(model, "prompt_learner", None)
@@ -249,7 +163,6 @@ def _export_mode(model: nn.Module) -> Iterator[None]:
     fastpath = getattr(torch.backends, "mha", None)
     previous = fastpath.get_fastpath_enabled() if fastpath is not None else None
     try:
-        model_module.resample_tokens = resampler
         if fastpath is not None:
             # nn.MultiheadAttention's fused inference kernel has no ONNX form
             fastpath.set_fastpath_enabled(False)
@@ -259,7 +172,6 @@ def _export_mode(model: nn.Module) -> Iterator[None]:
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             yield
     finally:
-        model_module.resample_tokens = original_resample
         if fastpath is not None and previous is not None:
             fastpath.set_fastpath_enabled(previous)
         model.train(was_training)

@@ -60,8 +60,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) 
         raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', got {mode!r}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp = _create_temp(target)
+    pending: list[Path] = []  # the temporary file, named before it exists
     try:
+        # Created inside the try: a signal (SIGTERM, Ctrl-C) that lands just after the
+        # file appears still finds its name here and removes it.
+        descriptor = _create_temp(target, pending)
+        temp = pending[0]
         with os.fdopen(descriptor, mode, **open_kwargs) as handle:
             yield handle
             handle.flush()
@@ -69,7 +73,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) 
         _keep_permissions(target, temp)
         os.replace(temp, target)
     except BaseException:
-        temp.unlink(missing_ok=True)
+        for temp in pending:
+            temp.unlink(missing_ok=True)
         raise
     _sync_folder(target.parent)
 
@@ -177,21 +182,23 @@ def _check_writable_folder(folder: Path, what: str) -> None:
         raise PermissionError(f"{what}: cannot write in {existing}")
 
 
-def _create_temp(target: Path) -> tuple[int, Path]:
+def _create_temp(target: Path, pending: list[Path]) -> int:
     """Create ``.<name>.<random>.tmp`` next to ``target``, open for writing.
 
-    ``tempfile.mkstemp`` would create it with mode 0o600. ``os.open`` with 0o666 lets the
-    kernel apply the current umask (and any default ACL), as a plain ``open`` does; reading
-    the umask instead would mean setting it, which is not thread-safe.
+    Its name is put in ``pending`` before the file is created, so that the caller can
+    remove it whenever an exception interrupts this. ``tempfile.mkstemp`` would create it
+    with mode 0o600. ``os.open`` with 0o666 lets the kernel apply the current umask (and
+    any default ACL), as a plain ``open`` does; reading the umask instead would mean
+    setting it, which is not thread-safe.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     flags |= getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
-        temp = target.parent / f".{target.name}.{secrets.token_hex(6)}{_TEMP_SUFFIX}"
+        pending[:] = [target.parent / f".{target.name}.{secrets.token_hex(6)}{_TEMP_SUFFIX}"]
         try:
-            return os.open(temp, flags, 0o666), temp
-        except FileExistsError:
-            continue
+            return os.open(pending[0], flags, 0o666)
+        except FileExistsError:  # another writer's file: not ours to remove
+            pending.clear()
     raise FileExistsError(f"cannot create a temporary file next to {target}")
 
 

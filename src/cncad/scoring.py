@@ -82,6 +82,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cncad._precision import autocast_disabled
+from cncad._tracing import prebuilt, tracing
 
 __all__ = [
     "BORDER_MODES",
@@ -242,6 +243,32 @@ def axis_operator(
         Tensor of shape ``(out_size, in_size)``.
     """
     return _cached_operator(
+        *_operator_key(
+            in_size,
+            out_size,
+            sigma,
+            truncate=truncate,
+            align_corners=align_corners,
+            border=border,
+            device=device,
+            dtype=dtype,
+        )
+    )
+
+
+def _operator_key(
+    in_size: int,
+    out_size: int,
+    sigma: float,
+    *,
+    truncate: float = 4.0,
+    align_corners: bool = False,
+    border: str = "reflect",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple:
+    """The arguments of ``_cached_operator`` (its cache key) for those of `axis_operator`."""
+    return (
         int(in_size),
         int(out_size),
         float(sigma),
@@ -417,12 +444,16 @@ def _tf32_matmul_enabled() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
-def _cosine(e: Tensor, d: Tensor, kernel: str, budget: int) -> Tensor:
-    """Cosine similarity over the channel axis of two (B, N, C) views: (B, N), fp32 or fp64."""
+def _cosine(e: Tensor, d: Tensor, kernel: str, budget: int, whole: bool = False) -> Tensor:
+    """Cosine similarity over the channel axis of two (B, N, C) views: (B, N), fp32 or fp64.
+
+    ``whole``: use the whole-tensor branch (as under autograd), e.g. while tracing.
+    """
     b, n, _ = e.shape
     acc = torch.float64 if torch.float64 in (e.dtype, d.dtype) else torch.float32
-    if torch.is_grad_enabled() and (e.requires_grad or d.requires_grad):
-        # Differentiable path (same formula, whole tensors, no in-place updates).
+    if whole or (torch.is_grad_enabled() and (e.requires_grad or d.requires_grad)):
+        # Differentiable and traceable path (same formula, whole tensors, no in-place
+        # updates, no loops over the batch).
         ea, da = e.to(acc), d.to(acc)
         dot = (ea * da).sum(-1)
         ne = torch.linalg.vector_norm(ea, dim=-1)
@@ -502,13 +533,18 @@ def anomaly_map(
 
     Returns:
         Tensor of shape ``(B, H, W)``, float32, on the device of the inputs. Differentiable
-        with respect to the features when autograd is on and they require grad.
+        with respect to the features when autograd is on and they require grad. Traceable
+        (``torch.jit.trace``, ``torch.onnx.export``) with a free batch size: while tracing
+        it takes whole-tensor operations and applies ``A_h @ S @ A_w.T`` per grid; the
+        operators must then already be in the cache (call
+        [`axis_operator`][cncad.scoring.axis_operator] with the same arguments first).
 
     Raises:
         ValueError: On empty or unequal-length sequences, mismatched shapes or batch
             sizes, non-square token counts, bad ``out_size``, ``sigma``, ``truncate``,
             ``reduction``, ``border`` or ``cosine_kernel``.
         TypeError: On non-floating or complex features, or features on several devices.
+        RuntimeError: While tracing, an operator that is not in the cache yet.
 
     Examples:
         A CNN reverse-distillation model with a 3-level pyramid at 256x256 input::
@@ -572,12 +608,15 @@ def anomaly_map(
     assert batch is not None
 
     budget = _CHUNK_ELEMS_CPU if device.type == "cpu" else _CHUNK_ELEMS_OTHER
+    traced = tracing()
     with autocast_disabled(device):
         # 1) cosine similarity per layer, summed per grid size: (B, h, w) each.
         cos_sum: dict[tuple[int, int], Tensor] = {}
         count: dict[tuple[int, int], int] = {}
         for e3, d3, h, w in pairs:
-            c = _cosine(e3, d3, cosine_kernel, budget).view(batch, h, w)
+            c = _cosine(e3, d3, cosine_kernel, budget, whole=traced)
+            # (B, h, w); while tracing without the batch size as a constant
+            c = c.unflatten(1, (h, w)) if traced else c.view(batch, h, w)
             if (h, w) not in cos_sum:
                 cos_sum[(h, w)], count[(h, w)] = c, 1
             else:
@@ -590,11 +629,13 @@ def anomaly_map(
             if reduction == "mean":
                 dist = dist.mul_(1.0 / len(pairs))
             grids[key] = dist if dist.dtype == torch.float32 else dist.float()
+        opts = {"truncate": truncate, "align_corners": align_corners, "border": border}
+        if traced:
+            return _traced_products(grids, height, width, sigma, device, opts)
         # 2) A_h @ S @ A_w^T for every grid. The H axis is applied first, on the small
         # (B, h, w) maps, as one plain GEMM (h, B*w) -> (H, B*w); then all grids go
         # through a single GEMM (B*H, sum w) @ (sum w, W) that writes the output.
         left, right = [], []
-        opts = {"truncate": truncate, "align_corners": align_corners, "border": border}
         for (h, w), s in grids.items():
             a_h = axis_operator(h, height, sigma, device=device, **opts)  # (H, h)
             a_w = axis_operator(w, width, sigma, device=device, **opts)  # (W, w)
@@ -604,6 +645,35 @@ def anomaly_map(
         y = torch.cat(left, dim=2) if len(left) > 1 else left[0].contiguous()
         a = torch.cat(right, dim=0) if len(right) > 1 else right[0]
         return (y.view(batch * height, -1) @ a).view(batch, height, width)
+
+
+def _traced_products(
+    grids: dict[tuple[int, int], Tensor],
+    height: int,
+    width: int,
+    sigma: float,
+    device: torch.device,
+    opts: dict,
+) -> Tensor:
+    """``sum_grids A_h @ S @ A_w.T`` of ``(B, h, w)`` maps as broadcast matmuls: ``(B, H, W)``.
+
+    The traced form of the last step of [`anomaly_map`][cncad.scoring.anomaly_map]: no batch
+    size in any shape, and the operators taken from the cache as constants.
+    """
+    result: Tensor | None = None
+    for (h, w), s in grids.items():
+        a_h, a_w = (
+            prebuilt(
+                _cached_operator,
+                *_operator_key(n, size, sigma, device=device, **opts),
+                what=f"axis_operator({n}, {size}, {sigma}, ...)",
+            )
+            for n, size in ((h, height), (w, width))
+        )
+        part = torch.matmul(torch.matmul(a_h, s), a_w.T)  # (H, h) @ (B, h, w) @ (w, W)
+        result = part if result is None else result + part
+    assert result is not None
+    return result
 
 
 def image_score(

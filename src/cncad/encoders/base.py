@@ -14,10 +14,14 @@ encoder; [`tokens_to_map`][cncad.encoders.base.tokens_to_map] and
 from __future__ import annotations
 
 import abc
+from functools import lru_cache
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cncad._tracing import prebuilt, tracing
 
 __all__ = ["EncoderFeatures", "FrozenEncoder", "resample_tokens", "tokens_to_map"]
 
@@ -122,6 +126,12 @@ def resample_tokens(tokens: Tensor, grid: Grid, target: Grid) -> Tensor:
     Shrinking uses antialiasing (a triangle filter over the covered cells), so a coarse
     grid averages the fine features instead of picking every other one.
 
+    While tracing (``torch.jit.trace``, ``torch.onnx.export``) the same linear, separable
+    resize is applied as ``R_h @ X @ R_w.T`` with constant matrices (ONNX has no
+    antialiased bilinear resize), equal to the eager result up to float32 rounding; the
+    matrices must be built before tracing by ``_resampling_matrices(grid, target)``
+    (``cncad.export`` does).
+
     Args:
         tokens: ``(B, h * w, C)`` tokens on ``grid = (h, w)``.
         grid: Their grid.
@@ -129,10 +139,20 @@ def resample_tokens(tokens: Tensor, grid: Grid, target: Grid) -> Tensor:
 
     Returns:
         ``(B, h' * w', C)`` tokens; ``tokens`` itself when the grids are equal.
+
+    Raises:
+        RuntimeError: While tracing, matrices that were not built before.
     """
     grid, target = tuple(grid), tuple(target)
     if grid == target:
         return tokens
+    if tracing():
+        rows, cols = prebuilt(
+            _resampling_matrices, grid, target, what=f"the {grid} -> {target} resampling"
+        )
+        maps = tokens_to_map(tokens, grid)  # (B, C, h, w)
+        resized = torch.matmul(torch.matmul(rows.to(maps.dtype), maps), cols.to(maps.dtype))
+        return resized.flatten(2).transpose(1, 2)
     shrink = target[0] < grid[0] or target[1] < grid[1]
     resized = F.interpolate(
         tokens_to_map(tokens, grid),
@@ -142,3 +162,26 @@ def resample_tokens(tokens: Tensor, grid: Grid, target: Grid) -> Tensor:
         antialias=shrink,
     )
     return resized.flatten(2).transpose(1, 2)
+
+
+@lru_cache(maxsize=64)
+def _resampling_matrices(grid: Grid, target: Grid) -> tuple[Tensor, Tensor]:
+    """``R_h`` ``(h', h)`` and ``R_w.T`` ``(w, w')``, float32: ``resample_tokens`` as matrices.
+
+    Each is ``F.interpolate``'s 1-D bilinear resize (antialiased when shrinking, by the rule
+    of [`resample_tokens`][cncad.encoders.base.resample_tokens]) of an identity, in float64,
+    so it holds PyTorch's own weights.
+    """
+    shrink = target[0] < grid[0] or target[1] < grid[1]
+    with torch.inference_mode(False), torch.no_grad():
+        rows, cols = (
+            F.interpolate(
+                torch.eye(size, dtype=torch.float64)[None, None],
+                size=(size_out, size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=shrink,
+            )[0, 0].float()
+            for size, size_out in ((grid[0], target[0]), (grid[1], target[1]))
+        )
+    return rows, cols.T.contiguous()

@@ -9,6 +9,8 @@ import torch
 from timm.layers import Mlp
 from torch import Tensor, nn
 
+from cncad._tracing import compiling_or_tracing
+
 __all__ = ["GatedMoE", "MoEOutput", "importance_loss"]
 
 
@@ -125,7 +127,7 @@ class GatedMoE(nn.Module):
         weights, indices = gates.topk(self.top_k, dim=-1)  # (R, K)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.dense or _tracing():
+        if self.dense or compiling_or_tracing():  # no data-dependent shapes
             output = self._dense(flat, weights, indices)
         else:
             output = self._sparse(flat, weights, indices)
@@ -153,11 +155,3 @@ class GatedMoE(nn.Module):
             routed = expert(flat) * mixing[:, expert_id : expert_id + 1]
             output = output + routed.to(output.dtype)  # eq. 14, in expert order as _sparse
         return output
-
-
-def _tracing() -> bool:
-    """Whether the forward is being traced, compiled or exported (no data-dependent shapes)."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
