@@ -170,7 +170,7 @@ def build_cases(work: Path, detector: CNCDetector, model: Path, data: Path) -> l
             try:
                 setattr(det, name, value)
             finally:
-                object.__setattr__(det, f"_{name}", saved)
+                setattr(det, name, saved)
 
         return run
 
