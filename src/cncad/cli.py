@@ -642,23 +642,32 @@ def _json_results(results: dict[str, Any], model: str, data: str) -> dict[str, A
     }
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _detector_and_test_set(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model of ``evaluate``/``calibrate`` and the test split of their ``DATA``.
+
+    The folder is checked before the model loads (which may take minutes), and read at
+    the model's image size after.
+    """
     from cncad.data import open_dataset
+
+    open_dataset(args.data, "test", mask_size=args.eval_size)
+    overrides: dict[str, Any] = {"device": args.device}
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    if getattr(args, "num_workers", None) is not None:
+        overrides["num_workers"] = args.num_workers
+    detector = _load_detector(args.model, **overrides)
+    size = detector.config.image_size
+    return detector, open_dataset(args.data, "test", image_size=size, mask_size=args.eval_size)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from cncad.evaluation import format_table
 
     if args.json is not None:
         check_output_file(args.json, inputs=[args.model, args.data], what="--json")
     data = Path(args.data)
-    open_dataset(data, "test", mask_size=args.eval_size)  # the folder's checks, before loading
-    overrides: dict[str, Any] = {"device": args.device}
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
-    if args.num_workers is not None:
-        overrides["num_workers"] = args.num_workers
-    detector = _load_detector(args.model, **overrides)
-    test_set = open_dataset(
-        data, "test", image_size=detector.config.image_size, mask_size=args.eval_size
-    )
+    detector, test_set = _detector_and_test_set(args)
     print(f"test data: {test_set.describe()}")
     with warnings.catch_warnings(record=True) as caught:  # e.g. no masks: printed as one line
         results = detector.evaluate(test_set, eval_size=args.eval_size, progress=not args.quiet)
@@ -684,21 +693,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     import dataclasses
 
     from cncad.checkpoint import read_detector_file, write_detector_file
-    from cncad.data import open_dataset
 
     data = Path(args.data)
     out = Path(args.out) if args.out is not None else Path(args.model)
     in_place = out.resolve() == Path(args.model).resolve()
     check_output_file(out, inputs=[data] if in_place else [args.model, data], what="--out")
-    open_dataset(data, "test", mask_size=args.eval_size)  # the folder's checks, before loading
     contents = read_detector_file(args.model)
-    overrides: dict[str, Any] = {"device": args.device}
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
-    detector = _load_detector(args.model, **overrides)
-    test_set = open_dataset(
-        data, "test", image_size=detector.config.image_size, mask_size=args.eval_size
-    )
+    detector, test_set = _detector_and_test_set(args)
     print(f"calibration data: {test_set.describe()}")
     result = detector.calibrate(
         test_set,
