@@ -152,3 +152,30 @@ def test_too_few_normal_images_is_one_line_and_leaves_the_file(
     assert model_file.read_bytes() == original
     assert main([*argv, "--target-fpr", "0.25"]) == 0
     assert read_detector_file(model_file).calibration["method"] == "fpr"
+
+
+def test_evaluate_reports_what_the_calibrated_thresholds_decide(
+    model_file: Path, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    argv = ["calibrate", str(model_file), str(data_root), "--per-category", "--target-fpr", "0.25"]
+    assert main([*argv, *RUN]) == 0
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", str(model_file), str(data_root), "--json", str(report), *RUN]) == 0
+    out = capsys.readouterr().out
+    assert "at the model's threshold:" in out and "  all: " in out
+    decided = json.loads(report.read_text())["at_threshold"]
+    detector = CNCDetector.load(model_file)
+    for category, row in decided["per_category"].items():
+        images = sorted((data_root / category / "test").rglob("*.png"))
+        labels = [path.parent.name != "good" for path in images]
+        flagged = detector.predict([str(p) for p in images], category=category).pred_label
+        assert row["threshold"] == detector.calibration.per_category[category].threshold
+        pairs = list(zip(flagged.tolist(), labels, strict=True))
+        assert row["detected"] == sum(f and d for f, d in pairs)
+        assert row["false_alarms"] == sum(f and not d for f, d in pairs)
+    total = decided["total"]
+    every = list(data_root.glob("*/test/*/*.png"))
+    assert total["normal_images"] == sum(path.parent.name == "good" for path in every)
+    assert total["normal_images"] + total["defective_images"] == len(every)

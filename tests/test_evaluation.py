@@ -413,3 +413,51 @@ def test_has_mask_is_validated() -> None:
     assert len(evaluator) == 0
     evaluator.update(scores, labels, maps, masks, categories, torch.ones(4, dtype=torch.bool))
     assert evaluator.images_without_mask == {}
+
+
+def test_decisions_count_what_the_threshold_flags() -> None:
+    data = make_test_set(np.random.default_rng(7))
+    scores, labels, _, _, categories = data
+    evaluator = AnomalyEvaluator()
+    feed(evaluator, data)
+    decided = evaluator.decisions(20.0, per_category={"screw": 25.0, "unknown": 1.0})
+    total = np.zeros(4, dtype=int)
+    for name in CATEGORIES:
+        rows = np.array(categories) == name
+        threshold = 25.0 if name == "screw" else 20.0
+        flagged, defective = scores[rows] >= threshold, labels[rows]
+        counts = [
+            (~defective).sum(),
+            (flagged & ~defective).sum(),
+            defective.sum(),
+            (flagged & defective).sum(),
+        ]
+        total += counts
+        row = decided["per_category"][name]
+        assert row["threshold"] == threshold
+        assert [
+            row[k] for k in ("normal_images", "false_alarms", "defective_images", "detected")
+        ] == counts
+        assert row["FPR"] == pytest.approx(counts[1] / counts[0])
+        assert row["recall"] == pytest.approx(counts[3] / counts[2])
+        precision = counts[3] / (counts[1] + counts[3]) if counts[1] + counts[3] else math.nan
+        assert row["precision"] == pytest.approx(precision, nan_ok=True)
+        f1 = 2 * counts[3] / (counts[1] + counts[3] + counts[2])
+        assert row["F1"] == pytest.approx(f1)
+    assert decided["total"]["threshold"] is None  # the categories' thresholds differ
+    assert decided["total"]["false_alarms"] == total[1] and decided["total"]["detected"] == total[3]
+    assert evaluator.decisions(20.0)["total"]["threshold"] == 20.0
+
+
+def test_decisions_validate_and_handle_empty_classes() -> None:
+    evaluator = AnomalyEvaluator()
+    with pytest.raises(ValueError, match="no data"):
+        evaluator.decisions(1.0)
+    maps = np.zeros((2, 4, 4), dtype=np.float32)
+    evaluator.update(np.array([0.2, 0.9]), np.array([0, 0]), maps, maps, ["all", "all"])
+    row = evaluator.decisions(0.5)["total"]
+    assert (row["false_alarms"], row["FPR"]) == (1, 0.5)
+    assert math.isnan(row["recall"]) and row["precision"] == 0.0 and row["F1"] == 0.0
+    for bad in (math.nan, "0.5", True):
+        with pytest.raises(ValueError, match="threshold of 'all' must be"):
+            evaluator.decisions(bad)  # type: ignore[arg-type]

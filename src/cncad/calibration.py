@@ -11,7 +11,9 @@ hands the raw values to this module, which chooses the thresholds and the normal
   pixel on the anomalous images, the pixel threshold falls back to ``"fpr"`` on the pixels
   of the normal images.
 
-The candidates are the observed image scores (exact), and for pixels the lower edges of
+The candidates are the observed image scores (exact; the chosen one is then moved half way
+down to the next lower score, which changes no decision on the calibration images but
+keeps a recomputed score from flipping), and for pixels the lower edges of
 the bins of a fixed histogram with a relative width of ``2**-11`` (about 0.05 %); the
 counts are exact for those candidates, and memory does not grow with the number of images
 (see [`PixelHistogram`][cncad.calibration.PixelHistogram]).
@@ -596,9 +598,27 @@ def _image_threshold(
     negatives = np.bincount(inverse[labels == 0], minlength=len(candidates))
     positives = np.bincount(inverse[labels == 1], minlength=len(candidates))
     if positives.sum() > 0:
-        return f1_threshold(candidates, negatives, positives), "f1"
-    above = _above_float32(float(candidates[-1]))
-    return fpr_threshold(candidates, negatives, target_fpr, above), "fpr"
+        threshold, method = f1_threshold(candidates, negatives, positives), "f1"
+    else:
+        above = _above_float32(float(candidates[-1]))
+        threshold, method = fpr_threshold(candidates, negatives, target_fpr, above), "fpr"
+    return _between_scores(threshold, candidates), method
+
+
+def _between_scores(threshold: float, candidates: np.ndarray) -> float:
+    """``threshold``, an observed score, moved half way down to the next lower one.
+
+    Every calibration score falls on the same side of either, but a score that lands on
+    the threshold itself is the one that flips when it is computed again with another
+    batch size or on another runtime (float32 rounding, about 1e-7): half way, no score
+    of the calibration set is that close. The result is a float32, so a float32 score
+    equal to it normalises to exactly 0.5.
+    """
+    below = candidates[candidates < threshold]
+    if below.size == 0:
+        return threshold
+    middle = float(np.float32((np.float64(below[-1]) + np.float64(threshold)) / 2))
+    return middle if float(below[-1]) < middle < threshold else threshold
 
 
 def calibrate_arrays(

@@ -634,12 +634,45 @@ def _json_results(results: dict[str, Any], model: str, data: str) -> dict[str, A
             for key, v in row.items()
         }
 
-    return {
+    payload = {
         "model": model,
         "data": data,
         "per_category": {name: clean(row) for name, row in results["per_category"].items()},
         "mean": clean(results["mean"]),
     }
+    if "at_threshold" in results:
+        decided = results["at_threshold"]
+        payload["at_threshold"] = {
+            "per_category": {
+                name: {key: _finite_or_none(value) for key, value in row.items()}
+                for name, row in decided["per_category"].items()
+            },
+            "total": {key: _finite_or_none(value) for key, value in decided["total"].items()},
+        }
+    return payload
+
+
+def _decision_lines(decided: dict[str, Any]) -> str:
+    """What the model's threshold decides on the test set, a line per category and total."""
+
+    def line(name: str, row: dict[str, Any]) -> str:
+        where = (
+            f"score >= {row['threshold']:.6g}"
+            if row["threshold"] is not None
+            else "per-category thresholds"
+        )
+        return (
+            f"  {name}: {row['false_alarms']} of {row['normal_images']} normal images flagged, "
+            f"{row['detected']} of {row['defective_images']} defective found ({where}; "
+            f"F1 {_percent_or_dash(row['F1'])})"
+        )
+
+    rows = [line(name, row) for name, row in decided["per_category"].items()]
+    return "\n".join(["at the model's threshold:", *rows, line("all", decided["total"])])
+
+
+def _percent_or_dash(value: float) -> str:
+    return "-" if math.isnan(value) else f"{100 * value:.1f} %"
 
 
 def _detector_and_test_set(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -674,6 +707,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     for warning in caught:
         print(f"cncad: warning: {warning.message}", file=sys.stderr)
     print(format_table(results))
+    if "at_threshold" in results:
+        print(_decision_lines(results["at_threshold"]))
     if args.json is not None:
         path = Path(args.json)
         payload = _json_results(results, args.model, str(data))

@@ -517,7 +517,12 @@ class CNCDetector(Thresholds):
 
         Returns:
             ``{"per_category": {name: {metric: value, "n_images": n}}, "mean": {...}}``
-            (see [`AnomalyEvaluator`][cncad.evaluation.AnomalyEvaluator]).
+            (see [`AnomalyEvaluator`][cncad.evaluation.AnomalyEvaluator]). A detector with
+            a ``threshold`` also gets ``"at_threshold"``:
+            the false alarms, the defects found and their rates when images are labelled
+            as [`predict`][cncad.detector.CNCDetector.predict] labels them (with the
+            per-category thresholds where the detector has them)
+            ([`decisions`][cncad.evaluation.AnomalyEvaluator.decisions]).
 
         Raises:
             NotTrainedError: The detector has not been trained (see ``allow_untrained``).
@@ -539,7 +544,12 @@ class CNCDetector(Thresholds):
                 evaluator.update(
                     scores, batch["label"], maps, masks, categories, batch.get("has_mask")
                 )
-        return evaluator.compute()
+        results = evaluator.compute()
+        if self.threshold is not None:
+            own = self.calibration.per_category if self.calibration is not None else {}
+            per_category = {name: child.threshold for name, child in own.items()}
+            results["at_threshold"] = evaluator.decisions(self.threshold, per_category)
+        return results
 
     def _test_loader(self, data: Any, eval_size: int, what: str) -> DataLoader:
         """``data`` of ``evaluate``/``calibrate`` as a DataLoader (a folder: its test split)."""
@@ -602,7 +612,9 @@ class CNCDetector(Thresholds):
         (labels) and over the pixels (masks); without any mask pixel on the anomalous
         images, the pixel threshold falls back to ``target_fpr`` on the normal images'
         pixels, and anomalous images without a mask never count at pixel level. The
-        exact definitions are in [`cncad.calibration`][cncad.calibration].
+        image threshold is then moved half way down to the next lower calibration score
+        (no calibration image changes side). The exact definitions are in
+        [`cncad.calibration`][cncad.calibration].
 
         Maps are compared on an ``eval_size`` grid, as in
         [`evaluate`][cncad.detector.CNCDetector.evaluate]; the pixels are counted in a

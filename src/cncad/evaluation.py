@@ -403,6 +403,61 @@ class AnomalyEvaluator:
             if buffer.n_without_mask
         }
 
+    def decisions(
+        self, threshold: float, per_category: Mapping[str, float] | None = None
+    ) -> dict[str, Any]:
+        """What deciding ``score >= threshold`` does on the accumulated images.
+
+        The image-level counterpart of the threshold-free metrics of
+        [`compute`][cncad.evaluation.AnomalyEvaluator.compute], for a detector whose
+        threshold is set (e.g. [calibrated][cncad.detector.CNCDetector.calibrate]): how many
+        normal images it flags and how many defective ones it finds.
+
+        Args:
+            threshold: The image-score threshold.
+            per_category: Thresholds of single categories, used instead of ``threshold``
+                for them (a detector calibrated per category).
+
+        Returns:
+            ``{"per_category": {category: row}, "total": row}``, where a row holds
+            ``threshold`` (None in the total when the categories' differ),
+            ``normal_images``, ``false_alarms``, ``defective_images``, ``detected``, and
+            the rates ``FPR`` (false alarms / normal images), ``recall`` (detected /
+            defective images), ``precision`` (detected / flagged) and ``F1``; a rate
+            whose denominator is 0 is NaN.
+
+        Raises:
+            ValueError: Nothing was accumulated, or a threshold is not a finite number.
+        """
+        if not self._buffers:
+            raise ValueError("no data: call update() before decisions()")
+        chosen = {name: threshold for name in self._buffers}
+        chosen.update({k: v for k, v in (per_category or {}).items() if k in chosen})
+        for name, value in chosen.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+                raise ValueError(f"the threshold of {name!r} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"the threshold of {name!r} must be finite, got {value!r}")
+        rows: dict[str, dict[str, float | int | None]] = {}
+        counts = np.zeros(4, dtype=np.int64)
+        for name, buffer in self._buffers.items():
+            scores, labels = buffer.image_arrays()
+            flagged = scores >= chosen[name]
+            defective = labels.astype(bool)
+            row_counts = np.array(
+                [
+                    np.count_nonzero(~defective),
+                    np.count_nonzero(flagged & ~defective),
+                    np.count_nonzero(defective),
+                    np.count_nonzero(flagged & defective),
+                ]
+            )
+            counts += row_counts
+            rows[name] = {"threshold": float(chosen[name]), **_decision_rates(row_counts)}
+        same = len(set(chosen.values())) == 1
+        total = {"threshold": float(threshold) if same else None, **_decision_rates(counts)}
+        return {"per_category": rows, "total": total}
+
     def compute(self) -> dict[str, Any]:
         """Compute the metrics of every category and their mean over categories.
 
@@ -465,6 +520,28 @@ class AnomalyEvaluator:
         if without_mask:
             warnings.warn(_missing_masks_message(without_mask, per_category), stacklevel=2)
         return {"per_category": per_category, "mean": mean}
+
+
+def _decision_rates(counts: np.ndarray) -> dict[str, float | int]:
+    """Counts ``(normal, false alarms, defective, detected)`` and their rates."""
+    normal, false_alarms, defective, detected = (int(c) for c in counts)
+    flagged = false_alarms + detected
+
+    def ratio(numerator: int, denominator: int) -> float:
+        return numerator / denominator if denominator else math.nan
+
+    precision, recall = ratio(detected, flagged), ratio(detected, defective)
+    f1 = 2 * detected / (flagged + defective) if flagged + defective else math.nan
+    return {
+        "normal_images": normal,
+        "false_alarms": false_alarms,
+        "defective_images": defective,
+        "detected": detected,
+        "FPR": ratio(false_alarms, normal),
+        "recall": recall,
+        "precision": precision,
+        "F1": f1,
+    }
 
 
 def _missing_masks_message(
