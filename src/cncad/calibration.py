@@ -402,11 +402,6 @@ def required_normal_images(target_fpr: float) -> int:
     return n
 
 
-def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted distinct values and their counts."""
-    return np.unique(values, return_counts=True)
-
-
 def fpr_threshold(
     candidates: np.ndarray, negatives: np.ndarray, target_fpr: float, above: float
 ) -> float:

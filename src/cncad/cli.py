@@ -400,16 +400,13 @@ def _predict_thresholds(args: argparse.Namespace, detector: Any) -> tuple[Any, A
                 f"--category needs a calibrated model: run 'cncad calibrate {args.model} DATA "
                 "--per-category' first"
             )
-        chosen = detector.calibration.for_category(args.category)
-        return chosen.threshold, chosen.pixel_threshold
-    if args.threshold is not None:
+    elif args.threshold is not None:
         detector.threshold = args.threshold
         # the normalised scores are centred on the calibrated threshold, not this one
         detector.calibration = None
-    pixel_threshold = detector.pixel_threshold
-    if pixel_threshold is None:
-        pixel_threshold = detector.threshold
-    return detector.threshold, pixel_threshold
+    # the choice predict_iter(category=...) makes, shared by both kinds of detector
+    decision = detector._decision(args.category)
+    return decision.threshold, decision.pixel_threshold
 
 
 def _colour_scale(args: argparse.Namespace, detector: Any) -> tuple[float, float] | None:
@@ -463,12 +460,8 @@ def _load_onnx_detector(path: str, device: str, batch_size: int | None) -> Any:
     return detector
 
 
-def _as_numpy(values: Any) -> np.ndarray:
-    """A CPU tensor or a numpy array as a numpy array."""
-    return values.numpy() if hasattr(values, "numpy") else values
-
-
 def _predict(args: argparse.Namespace) -> int:
+    import numpy as np
     from tqdm.auto import tqdm
 
     if args.vmin is not None and args.vmax is not None and args.vmin >= args.vmax:
@@ -531,7 +524,7 @@ def _predict(args: argparse.Namespace) -> int:
                 job = (
                     out / images[index][1],
                     batch.images[position],
-                    _as_numpy(batch.anomaly_map[position]),
+                    np.asarray(batch.anomaly_map[position]),  # a CPU tensor or an array
                     args,
                     scale,
                     map_range,

@@ -217,8 +217,8 @@ class CNCDetector(Thresholds):
         return self.epochs_trained > 0 or self._loaded
 
     def _require_trained(self, what: str) -> None:
-        # During a fit in another thread the activity guard reports the conflict instead.
-        if not self.is_trained and not self.allow_untrained and not self._activity.fitting_now:
+        # Called inside ``_activity.reading``, which first reports a fit in another thread.
+        if not self.is_trained and not self.allow_untrained:
             raise NotTrainedError(
                 f"{what} needs a trained detector, and this one has not been trained: call "
                 "fit(data) or CNCDetector.load(path) first (or build it with "
@@ -451,24 +451,26 @@ class CNCDetector(Thresholds):
             NotTrainedError: The detector has not been trained (see ``allow_untrained``).
             TrainingBusyError: ``fit`` is running on this detector in another thread.
         """
-        self._require_trained("predict")
-        batch_size = self.config.batch_size if batch_size is None else batch_size
-        batch_size = check_count(batch_size, "batch_size", 1)
-        num_workers = check_count(num_workers, "num_workers", 0)
-        decision = self._decision(category)
-        stream = decode_stream(
-            images,
-            self.config.image_size,
-            workers=num_workers,
-            window=2 * batch_size,
-            keep_images=keep_images,
-            on_error=on_error,
-        )
-
-        def score(decoded: list[DecodedImage], failures: list[DecodeFailure]) -> PredictionBatch:
-            return self._score(decoded, failures, decision)
-
         with self._activity.reading("predict"):
+            self._require_trained("predict")
+            batch_size = self.config.batch_size if batch_size is None else batch_size
+            batch_size = check_count(batch_size, "batch_size", 1)
+            num_workers = check_count(num_workers, "num_workers", 0)
+            decision = self._decision(category)
+            stream = decode_stream(
+                images,
+                self.config.image_size,
+                workers=num_workers,
+                window=2 * batch_size,
+                keep_images=keep_images,
+                on_error=on_error,
+            )
+
+            def score(
+                decoded: list[DecodedImage], failures: list[DecodeFailure]
+            ) -> PredictionBatch:
+                return self._score(decoded, failures, decision)
+
             self.model.eval()
             yield from scored_stream(
                 stream, batch_size, score, total=stream_length(images), progress=progress
@@ -529,10 +531,10 @@ class CNCDetector(Thresholds):
             TrainingBusyError: ``fit`` is running on this detector in another thread.
         """
         eval_size = check_count(eval_size, "eval_size", 1)
-        self._require_trained("evaluate")
-        loader = self._test_loader(data, eval_size, "evaluate")
         evaluator = AnomalyEvaluator()
         with self._activity.reading("evaluate"):
+            self._require_trained("evaluate")
+            loader = self._test_loader(data, eval_size, "evaluate")
             batches = self._scored_batches(
                 loader, eval_size, progress, "evaluate", ("image", "label", "mask")
             )
@@ -653,12 +655,12 @@ class CNCDetector(Thresholds):
         if not isinstance(per_category, bool):
             raise TypeError(f"per_category must be True or False, got {per_category!r}")
         eval_size = check_count(eval_size, "eval_size", 1)
-        self._require_trained("calibrate")
-        loader = self._test_loader(data, eval_size, "calibrate")
         scores: dict[str, list[Tensor]] = {}
         labels: dict[str, list[Tensor]] = {}
         pixels: dict[str, PixelHistogram] = {}
         with self._activity.reading("calibrate"):
+            self._require_trained("calibrate")
+            loader = self._test_loader(data, eval_size, "calibrate")
             batches = self._scored_batches(
                 loader, eval_size, progress, "calibrate", ("image", "label")
             )
@@ -742,8 +744,8 @@ class CNCDetector(Thresholds):
             NotTrainedError: The detector has not been trained (see ``allow_untrained``).
             TrainingBusyError: ``fit`` is running on this detector in another thread.
         """
-        self._require_trained("save")
         with self._activity.reading("save"):
+            self._require_trained("save")
             # Under torchrun only rank 0 writes. No barrier: the common pattern of calling
             # save on rank 0 alone would then wait forever.
             target = check_output_file(path, what="save path")
@@ -773,8 +775,7 @@ class CNCDetector(Thresholds):
         """
         from cncad.export import export
 
-        self._require_trained("export")
-        with self._activity.reading("export"):
+        with self._activity.reading("export"):  # export_onnx checks that it is trained
             return export(self, path, format, **options)
 
     def _write(self, path: Path, kind: str) -> Path:
@@ -893,10 +894,6 @@ class _Activity:
         finally:
             with self._lock:
                 self._fitting = False
-
-    @property
-    def fitting_now(self) -> bool:
-        return self._fitting
 
     @contextlib.contextmanager
     def reading(self, what: str) -> Iterator[None]:

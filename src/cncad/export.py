@@ -179,7 +179,7 @@ def _export_mode(model: nn.Module) -> Iterator[None]:
 
 def _metadata(detector: CNCDetector, graph: InferenceGraph) -> dict[str, str]:
     config = detector.config
-    calibration = getattr(detector, "calibration", None)
+    calibration = detector.calibration
     return {
         "cncad.format": FORMAT_TAG,
         "cncad.version": cncad.__version__,
@@ -236,9 +236,7 @@ def export_onnx(
         raise ValueError(f"opset must be at least {DEFAULT_OPSET}, got {opset}")
     target = check_output_file(path, what="export path")
     onnx = _import_onnx()
-    require_trained = getattr(detector, "_require_trained", None)
-    if require_trained is not None:
-        require_trained("export")
+    detector._require_trained("export")
     model = detector.model
     device = next(model.parameters()).device
     model.cpu()
@@ -247,7 +245,7 @@ def export_onnx(
             model,
             threshold=detector.threshold,
             pixel_threshold=detector.pixel_threshold,
-            calibration=getattr(detector, "calibration", None),
+            calibration=detector.calibration,
         )
         size = detector.config.image_size
         example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
